@@ -1,0 +1,214 @@
+"""Convolution, max pooling and nearest-neighbour upsampling on NCHW arrays.
+
+Shape letters used below:
+    N batch, C input channels, H W input height and width,
+    O output channels, G groups, KH KW kernel size, SH SW stride, PH PW padding,
+    OH OW output height and width, L = OH * OW output positions.
+
+Convolution as one matrix product (im2col): for every output position, gather
+the C x KH x KW input values its kernel window covers into one column. A
+convolution is then (O, C*KH*KW) weights times (C*KH*KW, L) columns. The
+gathering needs no Python loop over pixels: ``window_view`` builds the columns
+as a strided *view* of the input (no copy), one reshape copies them out.
+"""
+
+from minidet.autograd import Function
+from minidet.backend import get_array_module
+
+
+def _pair(value, name):
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def window_view(x, kernel, stride):
+    """Every KH x KW window of ``x`` (N, C, H, W) as a view of shape (N, C, KH, KW, OH, OW).
+
+    ``view[n, c, i, j, oh, ow] == x[n, c, oh * SH + i, ow * SW + j]``: moving one
+    step in ``i`` moves one row in ``x``, one step in ``oh`` moves SH rows.
+    """
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    s_n, s_c, s_h, s_w = x.strides
+    return get_array_module(x).lib.stride_tricks.as_strided(
+        x, shape=(n, c, kh, kw, oh, ow), strides=(s_n, s_c, s_h, s_w, s_h * sh, s_w * sw), writeable=False)
+
+
+def add_windows(gx, windows, stride):
+    """The adjoint of ``window_view`` (col2im): add ``windows`` (N, C, KH, KW, OH, OW) into ``gx`` in place.
+
+    One strided slice per kernel tap (i, j): a loop of KH * KW steps, not one per pixel.
+    """
+    (sh, sw) = stride
+    _, _, kh, kw, oh, ow = windows.shape
+    for i in range(kh):
+        for j in range(kw):
+            gx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += windows[:, :, i, j]
+    return gx
+
+
+def _pad_hw(x, padding, value=0):
+    ph, pw = padding
+    if ph == pw == 0:
+        return x
+    return get_array_module(x).pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _unpad_hw(x, padding):
+    ph, pw = padding
+    return x[:, :, ph:x.shape[2] - ph, pw:x.shape[3] - pw]
+
+
+class Conv2d(Function):
+    def __init__(self, stride, padding, groups):
+        self.stride, self.padding, self.groups = stride, padding, groups
+
+    def forward(self, x, w, b=None):
+        n, c, h, _ = x.shape
+        o, c_per_group, kh, kw = w.shape
+        g = self.groups
+        xp = get_array_module(x)
+        self.x_shape, self.w_shape = x.shape, w.shape
+        windows = window_view(_pad_hw(x, self.padding), (kh, kw), self.stride)   # (N, C, KH, KW, OH, OW)
+        oh, ow = windows.shape[-2:]
+        self.cols = windows.reshape(n, g, c_per_group * kh * kw, oh * ow)       # (N, G, C/G*KH*KW, L), a copy
+        self.w_mat = w.reshape(g, o // g, c_per_group * kh * kw)                # (G, O/G, C/G*KH*KW)
+        y = xp.matmul(self.w_mat, self.cols)                                    # (N, G, O/G, L)
+        y = y.reshape(n, o, oh, ow)
+        if b is not None:
+            y += b.reshape(1, o, 1, 1)
+        return y
+
+    def backward(self, gy):
+        need_x, need_w = self.needs_input_grad[:2]
+        n, c, h, w = self.x_shape
+        o, c_per_group, kh, kw = self.w_shape
+        g = self.groups
+        oh, ow = gy.shape[-2:]
+        gy_mat = gy.reshape(n, g, o // g, oh * ow)                              # (N, G, O/G, L)
+        gx = gw = None
+        if need_w:
+            # dL/dW = sum over images of dL/dY (O/G, L) times columns transposed (L, C/G*KH*KW)
+            gw = (gy_mat @ self.cols.swapaxes(-1, -2)).sum(axis=0).reshape(self.w_shape)
+        if need_x:
+            gcols = self.w_mat.swapaxes(-1, -2) @ gy_mat                        # (N, G, C/G*KH*KW, L)
+            ph, pw = self.padding
+            xp = get_array_module(gy)
+            gx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)
+            add_windows(gx, gcols.reshape(n, c, kh, kw, oh, ow), self.stride)
+            gx = _unpad_hw(gx, self.padding)
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
+    """2-D convolution (cross-correlation, as in every deep learning library).
+
+    Args:
+        input: (N, C, H, W).
+        weight: (O, C / groups, KH, KW).
+        bias: (O,) or None.
+        stride, padding: an int or an (H, W) pair; zero padding on both sides.
+        groups: split the C input and O output channels into this many groups,
+            each convolved separately (groups = C is a depthwise convolution).
+    Returns:
+        (N, O, OH, OW) with OH = (H + 2 PH - KH) // SH + 1, and the same for OW.
+    """
+    stride, padding = _pair(stride, "stride"), _pair(padding, "padding")
+    if input.ndim != 4 or weight.ndim != 4:
+        raise ValueError(f"conv2d: input must be (N, C, H, W) and weight (O, C/groups, KH, KW), got shapes "
+                         f"{input.shape} and {weight.shape}")
+    c, (o, c_per_group, kh, kw) = input.shape[1], weight.shape
+    if c % groups or o % groups or c // groups != c_per_group:
+        raise ValueError(f"conv2d: input has {c} channels and weight {tuple(weight.shape)}, which does not "
+                         f"fit groups={groups} (weight needs shape (O, {c}/groups, KH, KW), O divisible by groups)")
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise ValueError(f"conv2d: bias must have shape ({o},), got {tuple(bias.shape)}")
+    h, w = input.shape[2:]
+    if output_size(h, kh, stride[0], padding[0]) < 1 or output_size(w, kw, stride[1], padding[1]) < 1:
+        raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit the {h}x{w} input with padding {padding}")
+    args = (input, weight) if bias is None else (input, weight, bias)
+    return Conv2d(stride, padding, groups)(*args)
+
+
+class MaxPool2d(Function):
+    def __init__(self, kernel, stride, padding):
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        n, c = x.shape[:2]
+        self.padded_shape = (n, c, x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
+        windows = window_view(_pad_hw(x, self.padding, -xp.inf), self.kernel, self.stride)
+        kh, kw, oh, ow = windows.shape[2:]
+        windows = windows.reshape(n, c, kh * kw, oh, ow)
+        self.argmax = windows.argmax(axis=2)                                     # (N, C, OH, OW), first max wins
+        return xp.take_along_axis(windows, self.argmax[:, :, None], axis=2)[:, :, 0]
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        kh, kw = self.kernel
+        taps = xp.arange(kh * kw).reshape(1, 1, kh, kw, 1, 1)
+        # windows[n, c, i, j, oh, ow] = gy where tap (i, j) was the max of window (oh, ow), else 0
+        windows = (self.argmax[:, :, None, None] == taps) * gy[:, :, None, None]
+        gx = add_windows(xp.zeros(self.padded_shape, dtype=gy.dtype), windows, self.stride)
+        return _unpad_hw(gx, self.padding)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0):
+    """Max over KH x KW windows of (N, C, H, W); ``stride`` defaults to ``kernel_size``."""
+    kernel = _pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"max_pool2d: padding {padding} must be at most half the kernel {kernel}")
+    return MaxPool2d(kernel, stride, padding)(input)
+
+
+class UpsampleNearest(Function):
+    def __init__(self, scale):
+        self.scale = scale
+
+    def forward(self, x):
+        (sh, sw), (n, c, h, w) = self.scale, x.shape
+        # Each pixel becomes an SH x SW block: broadcast over two new axes, then merge them in.
+        blocks = get_array_module(x).broadcast_to(x[:, :, :, None, :, None], (n, c, h, sh, w, sw))
+        return blocks.reshape(n, c, h * sh, w * sw)
+
+    def backward(self, gy):
+        # Each input pixel fed an SH x SW block of outputs, so its gradient is that block's sum.
+        (sh, sw), (n, c, oh, ow) = self.scale, gy.shape
+        return gy.reshape(n, c, oh // sh, sh, ow // sw, sw).sum(axis=(3, 5))
+
+
+def interpolate(input, size=None, scale_factor=None, mode="nearest"):
+    """Nearest-neighbour upsampling of (N, C, H, W) by whole-number factors.
+
+    Give either ``scale_factor`` (an int or an (H, W) pair of ints) or ``size``
+    (an (OH, OW) pair that is a whole multiple of (H, W)). The feature pyramid
+    only ever doubles, so other modes and fractional scales are not offered.
+    """
+    if mode != "nearest":
+        raise ValueError(f"interpolate: only mode='nearest' is implemented, got {mode!r}")
+    if (size is None) == (scale_factor is None):
+        raise ValueError("interpolate: give exactly one of size and scale_factor")
+    h, w = input.shape[2:]
+    if size is not None:
+        oh, ow = _pair(size, "size")
+        if oh % h or ow % w:
+            raise ValueError(f"interpolate: size {(oh, ow)} is not a whole multiple of the input size {(h, w)}")
+        scale = (oh // h, ow // w)
+    else:
+        scale = _pair(scale_factor, "scale_factor")
+    if min(scale) < 1:
+        raise ValueError(f"interpolate: scale factors must be at least 1, got {scale}")
+    return UpsampleNearest(scale)(input)

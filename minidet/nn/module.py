@@ -1,0 +1,159 @@
+"""``Module`` and ``Parameter``: the bookkeeping that turns ops into layers.
+
+A module owns parameters (tensors the optimizer updates), buffers (arrays it
+keeps but does not train, such as batch norm's running statistics) and
+sub-modules, all registered by plain attribute assignment, in order.
+"""
+
+from collections import OrderedDict
+
+import numpy as np
+
+from minidet import backend
+from minidet.autograd import Tensor
+
+
+class Parameter(Tensor):
+    """A tensor that a module trains: it always requires gradients."""
+
+    def __init__(self, data):
+        super().__init__(data, requires_grad=True)
+
+    def __repr__(self):
+        return "Parameter(" + super().__repr__() + ")"
+
+
+class Module:
+    """Base class of layers and models: subclasses set attributes in ``__init__`` and define ``forward``."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        if isinstance(value, Parameter):
+            registry = self._parameters
+        elif isinstance(value, Module):
+            registry = self._modules
+        elif name in self._buffers:  # assigning a new array to a buffer keeps it a buffer
+            registry = self._buffers
+        else:
+            registry = None
+        for other in (self._parameters, self._buffers, self._modules):
+            if other is not registry:
+                other.pop(name, None)
+        if registry is not None:
+            registry[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name, array):
+        """Keep ``array`` (raw, not trained) as ``self.<name>``; it moves with ``to()`` and is saved in ``state_dict()``."""
+        self._buffers[name] = array
+        setattr(self, name, array)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # --- walking the tree ---------------------------------------------------
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}{name}.")
+
+    def named_parameters(self):
+        for prefix, module in self.named_modules():
+            for name, p in module._parameters.items():
+                yield prefix + name, p
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self):
+        for prefix, module in self.named_modules():
+            for name, b in module._buffers.items():
+                yield prefix + name, b
+
+    def children(self):
+        return list(self._modules.values())
+
+    def modules(self):
+        return [m for _, m in self.named_modules()]
+
+    # --- modes and devices --------------------------------------------------
+    def train(self, mode=True):
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def to(self, device):
+        """Move every parameter and buffer to ``"cpu"`` or ``"cuda"``, in place; returns self."""
+        for module in self.modules():
+            for p in module._parameters.values():
+                p.data = backend.to_device(p.data, device)
+                p.grad = None if p.grad is None else backend.to_device(p.grad, device)
+            for name, b in list(module._buffers.items()):
+                setattr(module, name, backend.to_device(b, device))
+        return self
+
+    # --- saving and loading -------------------------------------------------
+    def state_dict(self):
+        """Every parameter and buffer by dotted name, as NumPy arrays (copies)."""
+        state = {name: p.numpy().copy() for name, p in self.named_parameters()}
+        state.update((name, backend.to_numpy(b).copy()) for name, b in self.named_buffers())
+        return state
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy values from ``state_dict`` (name -> array) into this module's parameters and buffers.
+
+        Every problem is reported at once: missing keys, unexpected keys and
+        shape mismatches. With ``strict=False``, missing and unexpected keys are
+        allowed (shape mismatches never are). Returns ``(missing, unexpected)``.
+        """
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        mismatched = [f"{k}: checkpoint {tuple(np.shape(state_dict[k]))}, model {tuple(np.shape(own[k]))}"
+                      for k in own if k in state_dict and tuple(np.shape(state_dict[k])) != tuple(np.shape(own[k]))]
+        problems = []
+        if mismatched:
+            problems.append("shape mismatch for " + "; ".join(mismatched))
+        if strict and missing:
+            problems.append("missing keys: " + ", ".join(missing))
+        if strict and unexpected:
+            problems.append("unexpected keys: " + ", ".join(unexpected))
+        if problems:
+            raise KeyError(f"load_state_dict into {type(self).__name__}: " + ". ".join(problems))
+        for prefix, module in self.named_modules():
+            for name, p in module._parameters.items():
+                if prefix + name in state_dict:
+                    xp = backend.get_array_module(p.data)
+                    p.data = xp.asarray(state_dict[prefix + name], dtype=p.dtype).copy()
+            for name, b in list(module._buffers.items()):
+                if prefix + name in state_dict:
+                    xp = backend.get_array_module(b)
+                    setattr(module, name, xp.asarray(state_dict[prefix + name], dtype=b.dtype).copy())
+        return missing, unexpected
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in self._modules.items():
+            lines.append(f"  ({name}): " + repr(child).replace("\n", "\n  "))
+        return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
+
+    def extra_repr(self):
+        return ""

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="minidet",
+    version="0.1.0",
+    description="RetinaNet written from scratch in Python (NumPy, optional CuPy), for learning how a detector works",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["minidet", "minidet.*"]),
+    install_requires=["numpy>=2.0", "matplotlib>=3.8"],
+    extras_require={
+        "cuda12": ["cupy-cuda12x[ctk]>=13"],
+        "gpu": ["cupy-cuda12x[ctk]>=13"],
+        "cuda13": ["cupy-cuda13x[ctk]>=13"],
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["minidet = minidet.cli:main"]},
+)
