@@ -224,10 +224,11 @@ def run_backward(root, gradient, retain_graph=False):
     if root._ctx is None:
         root.grad = gradient.copy() if root.grad is None else root.grad + gradient
         return
+    order = _topological_order(root._ctx)
     pending = {root._ctx: [None] * len(root._ctx.output_meta)}
     pending[root._ctx][root._index] = gradient
     xp = backend.get_array_module(gradient)
-    for fn in _topological_order(root._ctx):
+    for fn in order:
         grad_outputs = [g if g is not None else xp.zeros(shape, dtype)  # an output nobody used
                         for g, (shape, dtype) in zip(pending.pop(fn), fn.output_meta)]
         grad_inputs = fn.backward(*grad_outputs)

@@ -50,5 +50,5 @@ def load(path):
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}  # reads (and CRC-checks) every array now
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as error:
-        raise ValueError(f"checkpoint {path!r} is corrupt or truncated and cannot be read ({error}); "
-                         "restore it from a backup or write it again") from error
+        raise ValueError(f"checkpoint {path!r} cannot be read: it is corrupt, truncated or holds pickled "
+                         f"objects ({error}); restore it from a backup or write it again") from error

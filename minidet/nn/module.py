@@ -51,7 +51,7 @@ class Module:
         object.__setattr__(self, name, value)
 
     def register_buffer(self, name, array):
-        """Keep ``array`` (raw, not trained) as ``self.<name>``; it moves with ``to()`` and is saved in ``state_dict()``."""
+        """Keep ``array`` (raw, not trained) as ``self.<name>``; ``to()`` moves it, ``state_dict()`` saves it."""
         self._buffers[name] = array
         setattr(self, name, array)
 

@@ -1,0 +1,203 @@
+"""How fast is minidet's conv2d? Forward + backward timed against PyTorch on the CPU.
+
+What is measured: one training step of a single 3x3 convolution layer, i.e.
+
+    y = conv2d(x, w, b, stride, padding)       # forward
+    y.backward(g)                              # backward, with a fixed upstream gradient g = dL/dy
+
+which produces the gradients of x, w and b. minidet (NumPy, im2col + one matrix product) and PyTorch (its own
+CPU kernels) get the same float32 arrays, run in the same process with the same number of threads, and each
+is timed with ``time.perf_counter`` after a few warm-up runs. The table shows the median of the repeats and
+the ratio minidet / torch. The goal is a ratio of at most 2: a from-scratch NumPy conv within twice the time
+of a production library is fast enough to train the small RetinaNet of the tutorials.
+
+A second table splits minidet's (and torch's) time into forward only and backward only, to show where the
+time goes. Before timing, each shape checks that both libraries compute the same gradients.
+
+Run from the repository root:
+
+    PYTHONPATH=. python benchmarks/bench_conv.py               # all cores, 10 repeats
+    PYTHONPATH=. python benchmarks/bench_conv.py --threads 1   # single-threaded, both libraries
+    PYTHONPATH=. python benchmarks/bench_conv.py --quick       # tiny shapes, a smoke test of the script
+
+Without PyTorch installed, only minidet's timings are printed.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for both libraries (default: $OPENBLAS_NUM_THREADS if set, else all cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats, to check the script runs")
+    return parser.parse_args()
+
+
+ARGS = parse_args()
+THREADS = ARGS.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+# NumPy's matrix products run in OpenBLAS, which reads its thread count from these environment variables
+# once, when NumPy is first imported. So they are set here, before the imports below; setting them later has
+# no effect. (PyTorch is told directly, with torch.set_num_threads.)
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_variable] = str(THREADS)
+
+import numpy as np  # noqa: E402  (imported after the thread settings on purpose)
+
+import minidet  # noqa: E402
+import minidet.functional as F  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+
+# (name, x shape (N, C, H, W), output channels O, kernel size, stride, padding)
+SHAPES = [
+    ("backbone 3x3, 64->64", (4, 64, 64, 64), 64, 3, 1, 1),
+    ("head 3x3, 256->256", (2, 256, 32, 32), 256, 3, 1, 1),
+    ("stride 2, 64->128", (4, 64, 64, 64), 128, 3, 2, 1),
+]
+QUICK_SHAPES = [
+    ("tiny 3x3, 8->8", (2, 8, 16, 16), 8, 3, 1, 1),
+    ("tiny stride 2, 8->16", (2, 8, 16, 16), 16, 3, 2, 1),
+]
+
+
+def make_inputs(x_shape, out_channels, kernel, stride, padding, seed=0):
+    """Random float32 x (N, C, H, W), w (O, C, K, K), b (O,) and upstream gradient g (N, O, OH, OW)."""
+    rng = np.random.default_rng(seed)
+    n, c, h, w = x_shape
+    oh = (h + 2 * padding - kernel) // stride + 1
+    ow = (w + 2 * padding - kernel) // stride + 1
+    x = rng.standard_normal(x_shape, dtype=np.float32)
+    weight = rng.standard_normal((out_channels, c, kernel, kernel), dtype=np.float32) / (c * kernel**2) ** 0.5
+    bias = rng.standard_normal(out_channels, dtype=np.float32)
+    g = rng.standard_normal((n, out_channels, oh, ow), dtype=np.float32)
+    return x, weight, bias, g
+
+
+# ---- one layer, forward and backward, in each library ----------------------------------------------------
+# Every run makes fresh leaf tensors, so gradients never accumulate from one run into the next.
+
+def minidet_forward(x, weight, bias, stride, padding):
+    leaves = [minidet.Tensor(a, requires_grad=True) for a in (x, weight, bias)]
+    return leaves, F.conv2d(*leaves, stride=stride, padding=padding)
+
+
+def torch_forward(x, weight, bias, stride, padding):
+    leaves = [torch.from_numpy(a).requires_grad_() for a in (x, weight, bias)]  # shares the NumPy memory
+    return leaves, torch.nn.functional.conv2d(*leaves, stride=stride, padding=padding)
+
+
+def minidet_step(x, weight, bias, g, stride, padding):
+    """Forward + backward; returns the gradients of x, w, b as NumPy arrays."""
+    leaves, y = minidet_forward(x, weight, bias, stride, padding)
+    y.backward(g)
+    return [t.grad for t in leaves]
+
+
+def torch_step(x, weight, bias, g, stride, padding):
+    leaves, y = torch_forward(x, weight, bias, stride, padding)
+    y.backward(torch.from_numpy(g))
+    return [t.grad.numpy() for t in leaves]
+
+
+# ---- timing ----------------------------------------------------------------------------------------------
+
+def median_ms(run, prepare=None):
+    """Median time of ``run(state)`` in milliseconds, ``state = prepare()`` made fresh and untimed each run."""
+    times = []
+    for i in range(ARGS.warmup + ARGS.repeat):
+        state = prepare() if prepare is not None else None
+        start = time.perf_counter()
+        run(state)
+        elapsed = time.perf_counter() - start
+        if i >= ARGS.warmup:
+            times.append(elapsed)
+    return 1000 * statistics.median(times)
+
+
+def time_library(forward, step, inputs, stride, padding, as_upstream):
+    """Median ms of forward + backward, forward only and backward only, for one library."""
+    x, weight, bias, g = inputs
+    upstream = as_upstream(g)
+    both = median_ms(lambda _: step(x, weight, bias, g, stride, padding))
+    # Forward only still records the graph (the im2col columns are kept for backward), as in training.
+    forward_only = median_ms(lambda _: forward(x, weight, bias, stride, padding))
+    # Backward only: the forward pass runs untimed in prepare(), then only y.backward(g) is timed.
+    backward_only = median_ms(lambda state: state[1].backward(upstream),
+                              prepare=lambda: forward(x, weight, bias, stride, padding))
+    return both, forward_only, backward_only
+
+
+def max_relative_error(ours, reference):
+    return max(float(np.abs(a - r).max() / np.abs(r).max()) for a, r in zip(ours, reference))
+
+
+def describe(x_shape, out_channels, kernel, stride):
+    n, c, h, w = x_shape
+    return f"x {n}x{c}x{h}x{w}, w {out_channels}x{c}x{kernel}x{kernel}, s{stride}"
+
+
+def thread_report():
+    blas = f"NumPy BLAS threads: {THREADS} (OPENBLAS_NUM_THREADS, set before NumPy was imported)"
+    try:  # if threadpoolctl is installed, ask OpenBLAS itself how many threads it uses
+        from threadpoolctl import threadpool_info
+        counts = {f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info() if p["user_api"] == "blas"}
+        blas = f"NumPy BLAS threads (threadpoolctl): {', '.join(sorted(counts))}"
+    except ImportError:
+        pass
+    torch_part = f"torch threads: {torch.get_num_threads()}" if torch is not None else "torch: not installed"
+    return f"{blas}; {torch_part}"
+
+
+def main():
+    if torch is None:
+        print("PyTorch is not installed: timing minidet only (pip install torch for the comparison).")
+    else:
+        torch.set_num_threads(THREADS)
+    print(f"numpy {np.__version__}, minidet {minidet.__version__}"
+          + (f", torch {torch.__version__}" if torch is not None else ""))
+    print(thread_report())
+    print(f"median of {ARGS.repeat} runs after {ARGS.warmup} warm-up runs, times in ms\n")
+
+    rows = []
+    for name, x_shape, out_channels, kernel, stride, padding in (QUICK_SHAPES if ARGS.quick else SHAPES):
+        inputs = make_inputs(x_shape, out_channels, kernel, stride, padding)
+        ours = time_library(minidet_forward, minidet_step, inputs, stride, padding, as_upstream=lambda g: g)
+        theirs = error = None
+        if torch is not None:
+            error = max_relative_error(minidet_step(*inputs, stride, padding), torch_step(*inputs, stride, padding))
+            theirs = time_library(torch_forward, torch_step, inputs, stride, padding, as_upstream=torch.from_numpy)
+        rows.append((name, describe(x_shape, out_channels, kernel, stride), ours, theirs, error))
+
+    print("forward + backward (grads of x, w, b)")
+    print(f"{'layer':<22} {'shapes':<34} {'minidet':>8} {'torch':>8} {'ratio':>6}  {'goal <= 2x':<10} {'max rel err':>11}")
+    for name, shapes, ours, theirs, error in rows:
+        if theirs is None:
+            print(f"{name:<22} {shapes:<34} {ours[0]:8.2f} {'-':>8} {'-':>6}")
+            continue
+        ratio = ours[0] / theirs[0]
+        print(f"{name:<22} {shapes:<34} {ours[0]:8.2f} {theirs[0]:8.2f} {ratio:6.2f}  "
+              f"{'ok' if ratio <= 2 else 'SLOWER':<10} {error:11.1e}")
+
+    print("\nwhere the time goes: forward only and backward only (their sum can differ a little from the above)")
+    print(f"{'layer':<22} {'minidet fwd':>11} {'bwd':>7} {'bwd share':>9}   {'torch fwd':>9} {'bwd':>7} "
+          f"{'fwd ratio':>9} {'bwd ratio':>9}")
+    for name, _, ours, theirs, _ in rows:
+        line = f"{name:<22} {ours[1]:11.2f} {ours[2]:7.2f} {ours[2] / (ours[1] + ours[2]):9.0%}"
+        if theirs is not None:
+            line += (f"   {theirs[1]:9.2f} {theirs[2]:7.2f} {ours[1] / theirs[1]:9.2f} {ours[2] / theirs[2]:9.2f}")
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
