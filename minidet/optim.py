@@ -125,7 +125,11 @@ class MultiStepLR(LRScheduler):
 
 
 class CosineAnnealingLR(LRScheduler):
-    """Lower the rate along half a cosine, from its base value to ``eta_min`` at step ``T_max``."""
+    """Lower the rate along half a cosine, from its base value to ``eta_min`` at step ``T_max``.
+
+    Past ``T_max`` the cosine goes on, so the rate rises again (PyTorch does the same): set ``T_max`` to the
+    length of training.
+    """
 
     def __init__(self, optimizer, T_max, eta_min=0.0, **warmup):
         self.T_max, self.eta_min = T_max, eta_min
@@ -134,5 +138,5 @@ class CosineAnnealingLR(LRScheduler):
     def factor(self, step):
         # Expressed as a factor of each group's base rate: eta_min is an absolute rate.
         base = self.base_lrs[0]
-        cosine = (1 + math.cos(math.pi * min(step, self.T_max) / self.T_max)) / 2
+        cosine = (1 + math.cos(math.pi * step / self.T_max)) / 2   # past T_max it rises again, as in PyTorch
         return (self.eta_min + (base - self.eta_min) * cosine) / base

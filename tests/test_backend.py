@@ -78,3 +78,11 @@ def test_shape_errors_are_explained():
         F.batch_norm(md.tensor(np.ones((1, 4))), None, None, training=True)
     with pytest.raises(TypeError, match="dtype"):
         F.cat([md.tensor(np.ones(2, np.float32)), md.tensor(np.ones(2))])
+
+
+def test_bad_dimensions_are_explained():
+    x = md.tensor(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"permute: \(2, 1\) is not a permutation of the 2 dimensions"):
+        F.permute(x, (2, 1))
+    with pytest.raises(ValueError, match="transpose: dimensions 0 and 5 do not both exist"):
+        F.transpose(x, 0, 5)

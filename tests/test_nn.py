@@ -189,7 +189,7 @@ def test_cosine_schedule_ends_at_eta_min():
     for _ in range(5):
         schedule.step()
     assert schedule.get_last_lr()[0] == pytest.approx(0.55)
-    for _ in range(10):
+    for _ in range(5):
         schedule.step()
     assert schedule.get_last_lr()[0] == pytest.approx(0.1)
 

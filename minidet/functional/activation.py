@@ -7,6 +7,7 @@ logits (|x| = 100 is routine for a confident detector): every exponential is
 
 from minidet.autograd import Function
 from minidet.backend import get_array_module
+from minidet.functional.arithmetic import python_number
 
 
 def stable_sigmoid(x):
@@ -119,4 +120,4 @@ def logsigmoid(x):
 def clamp(x, min=None, max=None):
     if min is None and max is None:
         raise ValueError("clamp: give min, max or both")
-    return Clamp(min, max)(x)
+    return Clamp(python_number(min), python_number(max))(x)

@@ -33,6 +33,15 @@ def _is_scalar(x):
     return not isinstance(x, Tensor) and np.ndim(x) == 0
 
 
+def python_number(value):
+    """A NumPy scalar as the equal Python number, which takes the array's dtype in arithmetic.
+
+    NumPy 2 keeps a ``np.float64`` scalar's precision, so ``float32_array * np.float64(2)``
+    would be float64; a Python float adopts the array's dtype instead.
+    """
+    return value.item() if hasattr(value, "item") else value
+
+
 def as_operands(op_name, a, b):
     """Make ``a`` and ``b`` ready for a binary op.
 
@@ -114,6 +123,8 @@ class Pow(Function):
         return x ** self.exponent
 
     def backward(self, gy):
+        if self.exponent == 0:  # x ** 0 is constant; x ** -1 would be inf at x = 0, and 0 * inf is nan
+            return gy * 0
         return gy * self.exponent * self.x ** (self.exponent - 1)
 
 
@@ -159,9 +170,9 @@ def neg(x):
 
 def pow(x, exponent):
     """``x ** exponent``; the exponent is a Python number."""
-    if is_array(exponent):
-        raise TypeError("pow: the exponent must be a Python number, not an array")
-    return Pow(exponent)(x)
+    if is_array(exponent) and np.ndim(exponent) > 0:
+        raise TypeError("pow: the exponent must be a number, not an array")
+    return Pow(python_number(exponent))(x)
 
 
 def matmul(a, b):

@@ -7,6 +7,7 @@ never form log(sigmoid(x)), which is log(0) = -inf once sigmoid(x) rounds to 0.
 from minidet.autograd import Function, Tensor
 from minidet.backend import get_array_module
 from minidet.functional.activation import softplus, stable_sigmoid, stable_softplus
+from minidet.functional.arithmetic import python_number
 from minidet.functional.reduction import mean, sum
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -68,7 +69,7 @@ def smooth_l1_loss(input, target, reduction="mean", beta=1.0):
     _check("smooth_l1_loss", input, target, reduction)
     if beta < 0:
         raise ValueError(f"smooth_l1_loss: beta must be >= 0, got {beta}")
-    return _reduce(SmoothL1(beta)(input, target), reduction)
+    return _reduce(SmoothL1(python_number(beta))(input, target), reduction)
 
 
 class SigmoidFocalLoss(Function):
@@ -125,4 +126,4 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
         raise ValueError("sigmoid_focal_loss: targets must be constants; pass targets.detach()")
     if gamma < 0:
         raise ValueError(f"sigmoid_focal_loss: gamma must be >= 0, got {gamma}")
-    return _reduce(SigmoidFocalLoss(alpha, gamma)(inputs, targets), reduction)
+    return _reduce(SigmoidFocalLoss(python_number(alpha), python_number(gamma))(inputs, targets), reduction)

@@ -8,6 +8,7 @@ each image's channel groups (C/G, H, W) and so does not depend on the batch.
 
 from minidet.autograd import Function
 from minidet.backend import get_array_module
+from minidet.functional.arithmetic import python_number
 from minidet.functional.shape import reshape
 
 
@@ -56,7 +57,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         running_mean, running_var: raw (C,) arrays (or None in training to skip the update).
         weight, bias: (C,) scale and shift, or None.
     """
-    x = input
+    x, eps, momentum = input, python_number(eps), python_number(momentum)
     if x.ndim < 2:
         raise ValueError(f"batch_norm: input must be (N, C, ...), got shape {x.shape}")
     shape = (1, -1) + (1,) * (x.ndim - 2)
@@ -85,5 +86,5 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels cannot be split into {num_groups} groups")
     grouped = reshape(input, (n, num_groups, -1))
-    y = reshape(Standardize((2,), eps)(grouped), input.shape)
+    y = reshape(Standardize((2,), python_number(eps))(grouped), input.shape)
     return _affine(y, weight, bias)

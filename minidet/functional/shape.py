@@ -27,8 +27,9 @@ class Permute(Function):
         self.dims = dims
 
     def forward(self, x):
-        if sorted(d % x.ndim for d in self.dims) != list(range(x.ndim)):
-            raise ValueError(f"permute: {self.dims} is not a permutation of the {x.ndim} dimensions")
+        n = x.ndim
+        if len(self.dims) != n or not all(-n <= d < n for d in self.dims) or len({d % n for d in self.dims}) != n:
+            raise ValueError(f"permute: {self.dims} is not a permutation of the {n} dimensions of shape {x.shape}")
         return x.transpose(self.dims)
 
     def backward(self, gy):
@@ -81,7 +82,7 @@ class Pad(Function):
         self.pad, self.value = pad, value
 
     def forward(self, x):
-        if len(self.pad) % 2 or len(self.pad) // 2 > x.ndim or min(self.pad) < 0:
+        if len(self.pad) % 2 or len(self.pad) // 2 > x.ndim or min(self.pad, default=0) < 0:
             raise ValueError(f"pad: expected non-negative (before, after) pairs for at most {x.ndim} "
                              f"dimensions, got {self.pad}")
         # PyTorch order: the first pair pads the last dimension, the next pair the one before, ...
@@ -105,7 +106,10 @@ def permute(x, dims):
 
 def transpose(x, dim0, dim1):
     """Swap two dimensions."""
-    dims = list(range(x.ndim))
+    n = x.ndim
+    if not (-n <= dim0 < n and -n <= dim1 < n):
+        raise ValueError(f"transpose: dimensions {dim0} and {dim1} do not both exist in shape {tuple(x.shape)}")
+    dims = list(range(n))
     dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
     return Permute(tuple(dims))(x)
 
