@@ -12,7 +12,8 @@ the ratio minidet / torch. The goal is a ratio of at most 2: a from-scratch NumP
 of a production library is fast enough to train the small RetinaNet of the tutorials.
 
 A second table splits minidet's (and torch's) time into forward only and backward only, to show where the
-time goes. Before timing, each shape checks that both libraries compute the same gradients.
+time goes. Before timing, each shape checks that both libraries compute the same gradients (the last column:
+the largest difference, relative to the largest value, over y's three gradients).
 
 Run from the repository root:
 
@@ -31,12 +32,16 @@ import time
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median reported)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed runs per measurement, the median is reported (default: 10, or 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for both libraries (default: $OPENBLAS_NUM_THREADS if set, else all cores)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats, to check the script runs")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 10
+    return args
 
 
 ARGS = parse_args()
@@ -114,6 +119,9 @@ def torch_step(x, weight, bias, g, stride, padding):
 
 def median_ms(run, prepare=None):
     """Median time of ``run(state)`` in milliseconds, ``state = prepare()`` made fresh and untimed each run."""
+    # After a matrix product, OpenBLAS's and PyTorch's worker threads keep spinning for a moment, waiting for more
+    # work. On a 2-core machine they would steal a core from whatever is timed next, so let them fall asleep first.
+    time.sleep(0.3)
     times = []
     for i in range(ARGS.warmup + ARGS.repeat):
         state = prepare() if prepare is not None else None
@@ -130,7 +138,7 @@ def time_library(forward, step, inputs, stride, padding, as_upstream):
     x, weight, bias, g = inputs
     upstream = as_upstream(g)
     both = median_ms(lambda _: step(x, weight, bias, g, stride, padding))
-    # Forward only still records the graph (the im2col columns are kept for backward), as in training.
+    # Forward only still records the graph, as in training (minidet keeps its im2col columns for backward).
     forward_only = median_ms(lambda _: forward(x, weight, bias, stride, padding))
     # Backward only: the forward pass runs untimed in prepare(), then only y.backward(g) is timed.
     backward_only = median_ms(lambda state: state[1].backward(upstream),
@@ -148,15 +156,16 @@ def describe(x_shape, out_channels, kernel, stride):
 
 
 def thread_report():
-    blas = f"NumPy BLAS threads: {THREADS} (OPENBLAS_NUM_THREADS, set before NumPy was imported)"
     try:  # if threadpoolctl is installed, ask OpenBLAS itself how many threads it uses
         from threadpoolctl import threadpool_info
         counts = {f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info() if p["user_api"] == "blas"}
         blas = f"NumPy BLAS threads (threadpoolctl): {', '.join(sorted(counts))}"
     except ImportError:
-        pass
+        blas = f"NumPy BLAS threads: {THREADS} (OPENBLAS_NUM_THREADS, set before NumPy was imported)"
+    if os.environ.get("OPENBLAS_CORETYPE"):  # e.g. Haswell: AVX2 kernels even on a CPU with AVX-512
+        blas += f", OpenBLAS kernels chosen by OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
     torch_part = f"torch threads: {torch.get_num_threads()}" if torch is not None else "torch: not installed"
-    return f"{blas}; {torch_part}"
+    return f"{blas}\n{torch_part}"
 
 
 def main():
@@ -172,15 +181,17 @@ def main():
     rows = []
     for name, x_shape, out_channels, kernel, stride, padding in (QUICK_SHAPES if ARGS.quick else SHAPES):
         inputs = make_inputs(x_shape, out_channels, kernel, stride, padding)
-        ours = time_library(minidet_forward, minidet_step, inputs, stride, padding, as_upstream=lambda g: g)
         theirs = error = None
-        if torch is not None:
+        if torch is not None:  # first make sure both compute the same thing
             error = max_relative_error(minidet_step(*inputs, stride, padding), torch_step(*inputs, stride, padding))
+        ours = time_library(minidet_forward, minidet_step, inputs, stride, padding, as_upstream=lambda g: g)
+        if torch is not None:
             theirs = time_library(torch_forward, torch_step, inputs, stride, padding, as_upstream=torch.from_numpy)
         rows.append((name, describe(x_shape, out_channels, kernel, stride), ours, theirs, error))
 
     print("forward + backward (grads of x, w, b)")
-    print(f"{'layer':<22} {'shapes':<34} {'minidet':>8} {'torch':>8} {'ratio':>6}  {'goal <= 2x':<10} {'max rel err':>11}")
+    print(f"{'layer':<22} {'shapes':<34} {'minidet':>8} {'torch':>8} {'ratio':>6}  {'goal <= 2x':<10} "
+          f"{'max rel err':>11}")
     for name, shapes, ours, theirs, error in rows:
         if theirs is None:
             print(f"{name:<22} {shapes:<34} {ours[0]:8.2f} {'-':>8} {'-':>6}")
@@ -189,13 +200,16 @@ def main():
         print(f"{name:<22} {shapes:<34} {ours[0]:8.2f} {theirs[0]:8.2f} {ratio:6.2f}  "
               f"{'ok' if ratio <= 2 else 'SLOWER':<10} {error:11.1e}")
 
-    print("\nwhere the time goes: forward only and backward only (their sum can differ a little from the above)")
-    print(f"{'layer':<22} {'minidet fwd':>11} {'bwd':>7} {'bwd share':>9}   {'torch fwd':>9} {'bwd':>7} "
-          f"{'fwd ratio':>9} {'bwd ratio':>9}")
+    print("\nwhere the time goes: forward only and backward only (their sum can differ from the step above, as\n"
+          "fresh memory for the large temporary arrays is found, and paid for, differently)")
+    header = f"{'layer':<22} {'minidet fwd':>11} {'bwd':>7} {'bwd share':>9}"
+    if torch is not None:
+        header += f"   {'torch fwd':>9} {'bwd':>7} {'fwd ratio':>9} {'bwd ratio':>9}"
+    print(header)
     for name, _, ours, theirs, _ in rows:
         line = f"{name:<22} {ours[1]:11.2f} {ours[2]:7.2f} {ours[2] / (ours[1] + ours[2]):9.0%}"
         if theirs is not None:
-            line += (f"   {theirs[1]:9.2f} {theirs[2]:7.2f} {ours[1] / theirs[1]:9.2f} {ours[2] / theirs[2]:9.2f}")
+            line += f"   {theirs[1]:9.2f} {theirs[2]:7.2f} {ours[1] / theirs[1]:9.2f} {ours[2] / theirs[2]:9.2f}"
         print(line)
 
 

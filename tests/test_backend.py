@@ -60,6 +60,8 @@ def test_conv2d_explains_bad_shapes():
         F.conv2d(md.tensor(np.ones((3, 8, 8), np.float32)), np.ones((4, 3, 3, 3), np.float32))
     with pytest.raises(ValueError, match="does not fit"):
         F.conv2d(md.tensor(np.ones((1, 3, 2, 2), np.float32)), np.ones((4, 3, 3, 3), np.float32))
+    with pytest.raises(TypeError, match=r"conv2d: input, weight and bias must share one dtype"):
+        F.conv2d(x, np.ones((4, 3, 3, 3), np.float64))
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         F.conv2d(x, np.ones((4, 3, 3, 3), np.float32), np.ones(3, np.float32))
 

@@ -90,6 +90,7 @@ class Conv2d(Function):
         need_x, need_w = self.needs_input_grad[:2]
         n, c, h, w = self.x_shape
         o, c_per_group, kh, kw = self.w_shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
         g = self.groups
         oh, ow = gy.shape[-2:]
         gy_mat = gy.reshape(n, g, o // g, oh * ow)                              # (N, G, O/G, L)
@@ -98,11 +99,16 @@ class Conv2d(Function):
             # dL/dW = sum over images of dL/dY (O/G, L) times columns transposed (L, C/G*KH*KW)
             gw = (gy_mat @ self.cols.swapaxes(-1, -2)).sum(axis=0).reshape(self.w_shape)
         if need_x:
-            gcols = self.w_mat.swapaxes(-1, -2) @ gy_mat                        # (N, G, C/G*KH*KW, L)
-            ph, pw = self.padding
+            # dL/dcolumns = W transposed times dL/dY; col2im then adds each column back onto the pixels it was
+            # read from. Done one kernel tap (i, j) at a time, so the columns in flight are only as large as
+            # the output, not KH * KW times larger: far less memory to allocate, and so faster.
             xp = get_array_module(gy)
-            gx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)
-            add_windows(gx, gcols.reshape(n, c, kh, kw, oh, ow), self.stride)
+            w_taps = self.w_mat.reshape(g, o // g, c_per_group, kh, kw)         # (G, O/G, C/G, KH, KW)
+            gx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)       # padded, like the forward input
+            for i in range(kh):
+                for j in range(kw):
+                    tap = w_taps[..., i, j].swapaxes(-1, -2) @ gy_mat           # (N, G, C/G, L)
+                    gx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += tap.reshape(n, c, oh, ow)
             gx = _unpad_hw(gx, self.padding)
         if len(self.needs_input_grad) == 2:
             return gx, gw
@@ -131,6 +137,10 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
     if c % groups or o % groups or c // groups != c_per_group:
         raise ValueError(f"conv2d: input has {c} channels and weight {tuple(weight.shape)}, which does not "
                          f"fit groups={groups} (weight needs shape (O, {c}/groups, KH, KW), O divisible by groups)")
+    dtypes = {str(a.dtype) for a in (input, weight, bias) if a is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"conv2d: input, weight and bias must share one dtype, got {sorted(dtypes)}; "
+                        "convert them first, e.g. minidet.tensor(array, dtype=numpy.float32)")
     if bias is not None and tuple(bias.shape) != (o,):
         raise ValueError(f"conv2d: bias must have shape ({o},), got {tuple(bias.shape)}")
     h, w = input.shape[2:]
