@@ -16,7 +16,7 @@ def _loss(fn, tensors, upstream):
     return float((out.data * upstream).sum())
 
 
-def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, max_elements=None, seed=0, name=None):
+def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, max_elements=2000, seed=0, name=None):
     """Compare ``fn``'s backward with central finite differences, in float64.
 
     Args:
@@ -25,7 +25,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, max_elements=None, see
         eps: the finite-difference step.
         atol, rtol: an element passes when |analytic - numeric| <= atol + rtol * |numeric|.
         max_elements: check at most this many elements of each input, chosen at random
-            (None checks every element).
+            (None checks every element). Each element costs two calls of ``fn``.
         seed: for the random upstream gradient and the sampling.
         name: what to call ``fn`` in the failure message (default: its ``__name__``).
 

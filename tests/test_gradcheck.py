@@ -173,3 +173,14 @@ def test_sigmoid_focal_loss(xp, rng, alpha, gamma, soft):
     targets = rng.random((6, 4)) if soft else (rng.random((6, 4)) < 0.3).astype(float)
     gradcheck(lambda x: F.sigmoid_focal_loss(x, xp.asarray(targets), alpha, gamma, "mean"),
               [randn(xp, rng, 6, 4) * 3])
+
+
+def test_gradcheck_samples_large_inputs():
+    calls = []
+
+    def double(x):
+        calls.append(1)
+        return x * 2
+
+    gradcheck(double, [np.ones(5000)], max_elements=100)
+    assert len(calls) == 1 + 2 * 100
