@@ -66,6 +66,13 @@ def box_iou(boxes1, boxes2):
     return xp.where(has_area, inter / xp.where(has_area, union, 1), 0)
 
 
+def _centres_and_sizes(boxes):
+    """(cx, cy, w, h) of (N, 4) boxes, four (N,) arrays, with torchvision's arithmetic: cx = x1 + 0.5 * w."""
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
 def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     """The regression targets of ``boxes`` relative to ``anchors``: what the regression subnet learns to predict.
 
@@ -94,15 +101,8 @@ def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
     anchors = anchors.astype(boxes.dtype, copy=False)
     wx, wy, ww, wh = weights
 
-    anchor_w = anchors[:, 2] - anchors[:, 0]         # (N,)
-    anchor_h = anchors[:, 3] - anchors[:, 1]
-    anchor_cx = anchors[:, 0] + 0.5 * anchor_w
-    anchor_cy = anchors[:, 1] + 0.5 * anchor_h
-
-    box_w = boxes[:, 2] - boxes[:, 0]                # (N,)
-    box_h = boxes[:, 3] - boxes[:, 1]
-    box_cx = boxes[:, 0] + 0.5 * box_w
-    box_cy = boxes[:, 1] + 0.5 * box_h
+    anchor_cx, anchor_cy, anchor_w, anchor_h = _centres_and_sizes(anchors)
+    box_cx, box_cy, box_w, box_h = _centres_and_sizes(boxes)
 
     dx = wx * (box_cx - anchor_cx) / anchor_w
     dy = wy * (box_cy - anchor_cy) / anchor_h
@@ -138,11 +138,7 @@ def decode_boxes(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), clamp=DEFAULT_DE
     anchors = anchors.astype(deltas.dtype, copy=False)
     wx, wy, ww, wh = weights
 
-    anchor_w = anchors[:, 2] - anchors[:, 0]         # (N,)
-    anchor_h = anchors[:, 3] - anchors[:, 1]
-    anchor_cx = anchors[:, 0] + 0.5 * anchor_w
-    anchor_cy = anchors[:, 1] + 0.5 * anchor_h
-
+    anchor_cx, anchor_cy, anchor_w, anchor_h = _centres_and_sizes(anchors)
     dx = deltas[:, 0] / wx                           # (N,)
     dy = deltas[:, 1] / wy
     dw = xp.minimum(deltas[:, 2] / ww, clamp)
