@@ -1,7 +1,11 @@
-"""Shared fixtures: ``xp`` runs a test once on NumPy and once on CuPy (the latter marked ``gpu``)."""
+"""Shared fixtures: ``xp`` runs a test once on NumPy and once on CuPy (the latter marked ``gpu``); ``torchvision``
+gives torchvision's Python code as an oracle, even on a CPU-only torch (see tests/torchvision_cpu.py)."""
+
+import importlib.util
 
 import numpy as np
 import pytest
+import torchvision_cpu
 
 from minidet import backend
 
@@ -19,3 +23,14 @@ def xp(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """The ``torchvision`` module, imported by ``torchvision_cpu.import_torchvision``: as is where its compiled ops
+    load, with a Python ``nms`` in their place on a CPU-only torch. Skips where torch or torchvision is not
+    installed; an installed torchvision that cannot be imported even so is an error, not a skip."""
+    for name in ("torch", "torchvision"):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"{name} is not installed (the torchvision reference tests need torch and torchvision)")
+    return torchvision_cpu.import_torchvision()
