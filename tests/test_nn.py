@@ -211,3 +211,29 @@ def test_a_small_network_learns():
         opt.step()
     assert loss.item() < first * 1e-3
     np.testing.assert_allclose(conv.weight.numpy(), target, atol=1e-2)
+
+
+def test_max_pool_layer_halves_the_stem_output_as_in_a_resnet():
+    pool = nn.MaxPool2d(3, stride=2, padding=1)
+    x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
+    y = pool(md.tensor(x)).numpy()
+    assert y.shape == (1, 2, 2, 2)
+    np.testing.assert_array_equal(y, x[:, :, 1::2, 1::2])     # values increase along rows and columns
+    assert pool.parameters() == [] and "kernel_size=3, stride=2, padding=1" in repr(pool)
+
+
+def test_to_float64_converts_parameters_and_float_buffers_in_place():
+    block = Block()
+    params = block.parameters()
+    block.register_buffer("steps", np.zeros(1, np.int64))
+    block.to(np.float64)
+    assert all(p.dtype == np.float64 for p in block.parameters())
+    assert all(p is q for p, q in zip(params, block.parameters()))
+    assert block.bn.running_mean.dtype == np.float64 and block.steps.dtype == np.int64
+    y = block(md.tensor(np.ones((1, 2, 3, 3))))               # float64 in, float64 through every layer
+    assert y.dtype == np.float64
+
+
+def test_to_refuses_a_dtype_that_is_not_floating():
+    with pytest.raises(TypeError, match="floating dtype"):
+        Block().to(np.int32)

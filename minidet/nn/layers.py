@@ -96,6 +96,20 @@ class ReLU(Module):
         return F.relu(x)
 
 
+class MaxPool2d(Module):
+    """Max over KH x KW windows (see ``F.max_pool2d``); ``stride`` defaults to ``kernel_size``."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x):
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
 class Sequential(Module):
     """Modules applied one after the other; they are named "0", "1", ... (as in PyTorch)."""
 

@@ -99,14 +99,27 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
-    def to(self, device):
-        """Move every parameter and buffer to ``"cpu"`` or ``"cuda"``, in place; returns self."""
+    def to(self, device_or_dtype):
+        """Move every parameter and buffer, in place; returns self.
+
+        ``"cpu"`` or ``"cuda"`` moves them to that device. A NumPy floating dtype (``np.float64``) converts the
+        floating-point ones to it, as torch's ``module.double()`` does: ``model.to(np.float64)`` is how a whole
+        model is gradient-checked. Integer buffers keep their dtype.
+        """
+        if isinstance(device_or_dtype, str):
+            convert = lambda array: backend.to_device(array, device_or_dtype)
+        else:
+            dtype = np.dtype(device_or_dtype)
+            if dtype.kind != "f":
+                raise TypeError(f"Module.to: expected 'cpu', 'cuda' or a floating dtype such as numpy.float64, "
+                                f"got {device_or_dtype!r}")
+            convert = lambda array: array.astype(dtype, copy=False) if array.dtype.kind == "f" else array
         for module in self.modules():
             for p in module._parameters.values():
-                p.data = backend.to_device(p.data, device)
-                p.grad = None if p.grad is None else backend.to_device(p.grad, device)
+                p.data = convert(p.data)
+                p.grad = None if p.grad is None else convert(p.grad)
             for name, b in list(module._buffers.items()):
-                setattr(module, name, backend.to_device(b, device))
+                setattr(module, name, convert(b))
         return self
 
     # --- saving and loading -------------------------------------------------

@@ -1,0 +1,14 @@
+"""RetinaNet and its parts: backbones, the feature pyramid, the subnets.
+
+    model = minidet.models.RetinaNet(num_classes=3, backbone="resnet18")
+    losses = model(images, targets)       # training
+    detections = model.predict(images)    # inference
+"""
+
+from minidet.models.fpn import FeaturePyramid
+from minidet.models.heads import ClassificationHead, RegressionHead
+from minidet.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet_small
+from minidet.models.retinanet import BACKBONES, PRESETS, RetinaNet
+
+__all__ = ["RetinaNet", "PRESETS", "BACKBONES", "FeaturePyramid", "ClassificationHead", "RegressionHead",
+           "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet_small"]
