@@ -1,8 +1,13 @@
 """The ``minidet`` command.
 
-For now it has one job, ``minidet demo``: train a tiny convolutional network
-with minidet's own autograd, print its loss falling and draw the curve. When
-the detector lands, ``demo`` will train and evaluate a RetinaNet instead.
+``minidet demo`` trains a tiny convolutional network with minidet's own
+autograd, prints its loss falling and draws the curve. When the detector
+lands, ``demo`` will train and evaluate a RetinaNet instead.
+
+``minidet convert WEIGHTS.pth OUT.npz`` turns torchvision's
+``retinanet_resnet50_fpn`` (v1) weights into a minidet checkpoint (see
+``minidet.models.torchvision_weights``). It is the only place where minidet
+imports torch, to read the ``.pth`` file.
 """
 
 import argparse
@@ -15,6 +20,7 @@ import numpy as np
 import minidet as md
 import minidet.functional as F
 from minidet import nn, optim
+from minidet.models.torchvision_weights import EPS_KEY, convert_torchvision_state_dict, torchvision_num_classes
 
 
 def bars(count, size, rng):
@@ -84,6 +90,56 @@ def _plot_loss(losses, path):
     plt.close(fig)
 
 
+def convert(args):
+    if args.eps < 0:
+        raise ValueError(f"--eps must be 0 or more, got {args.eps}")
+    if not os.path.isfile(args.weights):
+        raise FileNotFoundError(f"{args.weights!r} does not exist; give the path of the .pth file")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the folder {folder!r} for {args.out!r} does not exist")
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("reading a .pth file needs PyTorch, which minidet itself does not use: "
+                           "pip install torch, then run this command again") from None
+    try:
+        # weights_only: unpickle tensors and plain containers only, never code (a .pth file is a pickle)
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise _torch_load_error(args.weights, error) from error
+    if not isinstance(state, dict):
+        raise ValueError(f"{args.weights!r} holds a {type(state).__name__}, not a state dict (a dict of tensors)")
+    arrays = {}
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{args.weights!r} is not a state dict of tensors: {name!r} holds a "
+                             f"{type(value).__name__}")
+        value = value.detach().cpu()
+        arrays[name] = (value.float() if value.is_floating_point() else value).numpy()
+    converted = convert_torchvision_state_dict(arrays)       # ValueError naming the wrong keys
+    num_classes = torchvision_num_classes(converted)
+    md.save({**converted, EPS_KEY: np.array(args.eps, np.float64)}, args.out)
+    print(f"converted {len(converted)} tensors of torchvision's retinanet_resnet50_fpn ({num_classes} classes, "
+          f"frozen batch norm eps {args.eps:g}) to {args.out}")
+    print(f"use it: state = minidet.load({args.out!r}); model = RetinaNet({num_classes}, backbone='resnet50', "
+          "preset='torchvision'); load_torchvision_weights(model, state)")
+
+
+def _torch_load_error(path, error):
+    """One line for torch.load's many-line error: the file holds code (a whole model), or is not torch's."""
+    text = str(error)
+    detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+    detail = (detail.strip().splitlines() or [type(error).__name__])[0]
+    if "GLOBAL " in detail:     # "Unsupported global: GLOBAL argparse.Namespace was not an allowed global ..."
+        name = detail.split("GLOBAL ", 1)[1].split()[0]
+        return ValueError(f"{path!r} holds Python objects besides tensors ({name}: a whole model, or a training "
+                          "checkpoint?), which torch.load(weights_only=True) does not unpickle because that could "
+                          "run code; torch.save the model's state_dict() and convert that")
+    return ValueError(f"{path!r} cannot be read by torch.load(weights_only=True); is it a file torch.save wrote? "
+                      f"({detail})")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minidet", description="RetinaNet from scratch, for learning.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +150,29 @@ def build_parser():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default: cpu)")
     p.add_argument("--out", default="minidet-demo", help="folder for the pictures (default: minidet-demo)")
     p.set_defaults(run=demo)
+
+    p = commands.add_parser(
+        "convert", help="convert torchvision's RetinaNet weights (.pth) to a minidet checkpoint (.npz)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert the state dict of torchvision's retinanet_resnet50_fpn (v1), such as its published\n"
+                    "COCO weights retinanet_resnet50_fpn_coco-eeacb38b.pth, to a minidet checkpoint: the names\n"
+                    "become minidet's, the arrays stay as they are. Needs PyTorch, to read the .pth file.",
+        epilog="then, in Python:\n"
+               "  import minidet\n"
+               "  from minidet.models import RetinaNet, load_torchvision_weights, torchvision_num_classes\n"
+               "  state = minidet.load('OUT.npz')\n"
+               "  model = RetinaNet(torchvision_num_classes(state), backbone='resnet50', preset='torchvision')\n"
+               "  load_torchvision_weights(model, state)     # the weights, and eps from the file\n"
+               "  detections = model.predict(images)\n"
+               "with images prepared as torchvision prepares them: RGB in [0, 1], minus the ImageNet mean\n"
+               "(0.485, 0.456, 0.406), divided by its std (0.229, 0.224, 0.225), padded to multiples of 32.")
+    p.add_argument("weights", metavar="WEIGHTS.pth", help="torchvision's state dict, as torch.save wrote it")
+    p.add_argument("out", metavar="OUT.npz", help="the minidet checkpoint to write (replaced atomically)")
+    p.add_argument("--eps", type=float, default=0.0,
+                   help="the frozen batch norm eps the weights need, stored in OUT.npz as frozen_bn_eps "
+                        "(default: 0.0, right for torchvision's published COCO weights; 1e-5 for "
+                        "weights of a model torchvision built with its default FrozenBatchNorm2d eps)")
+    p.set_defaults(run=convert)
     return parser
 
 

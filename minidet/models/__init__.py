@@ -3,12 +3,20 @@
     model = minidet.models.RetinaNet(num_classes=3, backbone="resnet18")
     losses = model(images, targets)       # training
     detections = model.predict(images)    # inference
+
+torchvision's ``retinanet_resnet50_fpn`` weights: ``load_torchvision_weights`` (see ``torchvision_weights``).
 """
 
 from minidet.models.fpn import FeaturePyramid
 from minidet.models.heads import ClassificationHead, RegressionHead
 from minidet.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50, resnet_small
 from minidet.models.retinanet import BACKBONES, PRESETS, RetinaNet
+from minidet.models.torchvision_weights import (
+    convert_torchvision_state_dict,
+    load_torchvision_weights,
+    torchvision_num_classes,
+)
 
 __all__ = ["RetinaNet", "PRESETS", "BACKBONES", "FeaturePyramid", "ClassificationHead", "RegressionHead",
-           "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet_small"]
+           "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet_small",
+           "convert_torchvision_state_dict", "load_torchvision_weights", "torchvision_num_classes"]
