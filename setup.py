@@ -7,7 +7,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["minidet", "minidet.*"]),
+    # The CUDA sources live in the top-level kernels/ folder (next to minidet/, where a learner finds them); they are
+    # installed as the package minidet.kernels, where minidet/cuda.py looks for them.
+    packages=find_packages(include=["minidet", "minidet.*"]) + ["minidet.kernels"],
+    package_dir={"minidet.kernels": "kernels"},
+    package_data={"minidet.kernels": ["*.cu", "*.cuh"]},
     install_requires=["numpy>=2.0", "matplotlib>=3.8"],
     extras_require={
         "cuda12": ["cupy-cuda12x[ctk]>=13"],

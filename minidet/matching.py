@@ -9,12 +9,14 @@ RetinaNet labels every anchor from its best IoU with the image's ground-truth bo
 With ``allow_low_quality_matches`` (torchvision's preset, after Faster R-CNN's RPN), every box also gets its
 best anchors even when their IoU is below 0.5, so no box goes without a positive anchor.
 
-This module is the NumPy reference for the CUDA matching kernel: the kernel must give the same outputs, and its
-per-anchor loop mirrors ``match_anchors`` below. Neither ever builds the full (A, G) IoU matrix: anchors are
-processed in chunks, so memory stays proportional to the chunk, not to A * G.
+This module is the NumPy reference for the CUDA matching kernel (kernels/iou_match.cu): the kernel gives the same
+outputs, bit for bit, and both functions below use it when their inputs are CuPy arrays. Neither ever builds the
+full (A, G) IoU matrix: here anchors are processed in chunks, so memory stays proportional to the chunk, not to
+A * G; in the kernel each thread keeps one anchor's best box as it loops over the boxes.
 """
 
-from minidet.backend import check_same_device, get_array_module
+from minidet import cuda
+from minidet.backend import check_same_device, get_array_module, is_cupy_array
 from minidet.boxes import box_iou
 
 # Codes in ``matches`` for anchors without a box; the same values as torchvision's Matcher.
@@ -68,20 +70,22 @@ def match_anchors(anchors, boxes, high=0.5, low=0.4, allow_low_quality_matches=F
     Low-quality matches need each box's best IoU over *all* anchors before any anchor can be promoted, so they
     take a second pass over the chunks that recomputes the IoUs with the same function and compares them with
     ``==``. That is exact: the same arithmetic on the same inputs gives the same bits, whatever the chunk size.
+
+    CuPy arrays go to the CUDA kernel (``minidet.cuda.match_anchors_batch``), which gives the same results and
+    needs no chunks (``chunk_size`` is then only checked).
     """
     check_same_device("match_anchors", [anchors, boxes])
-    if not low <= high:
-        raise ValueError(f"match_anchors: low ({low}) must not be greater than high ({high})")
-    if chunk_size < 1:
-        raise ValueError(f"match_anchors: chunk_size must be at least 1, got {chunk_size}")
-    if anchors.dtype.kind != "f":
-        raise TypeError(f"match_anchors: anchors must be float32 or float64, got {anchors.dtype}")
+    _check_options("match_anchors", anchors, high, low, chunk_size)
     xp = get_array_module(anchors, boxes)
     dtype = anchors.dtype
     num_anchors, num_boxes = anchors.shape[0], boxes.shape[0]
     if num_boxes == 0:
         return xp.full(num_anchors, BACKGROUND, dtype=xp.int64), xp.zeros(num_anchors, dtype=dtype)
     boxes = boxes.astype(dtype, copy=False)
+    if is_cupy_array(anchors):   # the CUDA kernel, for a batch of one image
+        counts = xp.full(1, num_boxes, dtype=xp.int32)
+        matches, ious = cuda.match_anchors_batch(anchors, boxes[None], counts, high, low, allow_low_quality_matches)
+        return matches[0], ious[0]
     high, low = dtype.type(high), dtype.type(low)   # compare in the IoUs' dtype, as PyTorch does
 
     # Pass 1: each anchor's best box, and each box's best IoU over all anchors.
@@ -132,6 +136,8 @@ def match_anchors_batch(anchors, boxes, counts, high=0.5, low=0.4, allow_low_qua
     Returns:
         matches: (B, A) int64, per image as ``match_anchors`` gives it.
         ious: (B, A) in the dtype of ``anchors``.
+
+    CuPy arrays go to the CUDA kernel, all images at once; NumPy arrays to ``match_anchors``, one image at a time.
     """
     check_same_device("match_anchors_batch", [anchors, boxes, counts])
     xp = get_array_module(anchors, boxes, counts)
@@ -142,9 +148,21 @@ def match_anchors_batch(anchors, boxes, counts, high=0.5, low=0.4, allow_low_qua
     if not bool(((counts >= 0) & (counts <= max_boxes)).all()):
         raise ValueError(f"match_anchors_batch: every count must be between 0 and Gmax = {max_boxes} "
                          f"(the padded number of boxes), got {counts.tolist()}")
+    _check_options("match_anchors_batch", anchors, high, low, chunk_size)
+    if is_cupy_array(anchors):   # the CUDA kernel: every image in one launch (two with low-quality matches)
+        return cuda.match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_matches)
     matches = xp.empty((num_images, anchors.shape[0]), dtype=xp.int64)   # (B, A)
     ious = xp.empty((num_images, anchors.shape[0]), dtype=anchors.dtype)  # (B, A)
     for b in range(num_images):
         matches[b], ious[b] = match_anchors(anchors, boxes[b, :int(counts[b])], high, low,
                                             allow_low_quality_matches, chunk_size)
     return matches, ious
+
+
+def _check_options(op_name, anchors, high, low, chunk_size):
+    if not low <= high:
+        raise ValueError(f"{op_name}: low ({low}) must not be greater than high ({high})")
+    if chunk_size < 1:
+        raise ValueError(f"{op_name}: chunk_size must be at least 1, got {chunk_size}")
+    if anchors.dtype.kind != "f":
+        raise TypeError(f"{op_name}: anchors must be float32 or float64, got {anchors.dtype}")

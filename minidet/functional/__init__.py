@@ -8,7 +8,12 @@ from minidet.autograd import Tensor
 from minidet.functional.activation import clamp, exp, log, logsigmoid, relu, sigmoid, softplus
 from minidet.functional.arithmetic import add, div, matmul, mul, neg, pow, sub
 from minidet.functional.conv import conv2d, interpolate, max_pool2d
-from minidet.functional.loss import binary_cross_entropy_with_logits, sigmoid_focal_loss, smooth_l1_loss
+from minidet.functional.loss import (
+    binary_cross_entropy_with_logits,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_with_labels,
+    smooth_l1_loss,
+)
 from minidet.functional.norm import batch_norm, group_norm
 from minidet.functional.reduction import max, mean, sum
 from minidet.functional.shape import cat, concat, getitem, pad, permute, reshape, stack, transpose
@@ -19,7 +24,7 @@ __all__ = [
     "reshape", "permute", "transpose", "getitem", "cat", "concat", "stack", "pad",
     "exp", "log", "relu", "sigmoid", "softplus", "logsigmoid", "clamp",
     "conv2d", "max_pool2d", "interpolate", "batch_norm", "group_norm",
-    "binary_cross_entropy_with_logits", "smooth_l1_loss", "sigmoid_focal_loss",
+    "binary_cross_entropy_with_logits", "smooth_l1_loss", "sigmoid_focal_loss", "sigmoid_focal_loss_with_labels",
 ]
 
 

@@ -1,12 +1,14 @@
-"""Losses: binary cross-entropy with logits, smooth L1, and the sigmoid focal loss.
+"""Losses: binary cross-entropy with logits, smooth L1, and the sigmoid focal loss (with dense targets, or with one
+class label per anchor).
 
 All take logits (not probabilities) and stay finite for logits of +-100: they
 never form log(sigmoid(x)), which is log(0) = -inf once sigmoid(x) rounds to 0.
 """
 
+from minidet import cuda
 from minidet.autograd import Function, Tensor
-from minidet.backend import get_array_module
-from minidet.functional.activation import softplus, stable_sigmoid, stable_softplus
+from minidet.backend import get_array_module, is_cupy_array
+from minidet.functional.activation import softplus
 from minidet.functional.arithmetic import python_number
 from minidet.functional.reduction import mean, sum
 
@@ -72,39 +74,60 @@ def smooth_l1_loss(input, target, reduction="mean", beta=1.0):
     return _reduce(SmoothL1(python_number(beta))(input, target), reduction)
 
 
-class SigmoidFocalLoss(Function):
-    """Element-wise focal loss and its gradient, computed together in one pass.
+def focal_loss_terms(x, t, alpha, gamma):
+    """The focal loss of each element and its derivative, computed together: the one formula minidet uses.
 
-    With p = sigmoid(x) and a target t in [0, 1]:
-        ce      = softplus(x) - t x                      (cross-entropy, stable)
-        1 - p_t = t (1 - p) + (1 - t) p                  (how wrong the prediction is)
-        alpha_t = alpha t + (1 - alpha) (1 - t)          (only when alpha >= 0)
+    With p = sigmoid(x), q = 1 - p and a target t in [0, 1]:
+        ce      = (1 - t) softplus(x) + t softplus(-x)    (the cross-entropy softplus(x) - t x, see below)
+        1 - p_t = t q + (1 - t) p                         (how wrong the prediction is)
+        alpha_t = alpha t + (1 - alpha) (1 - t)           (only when alpha >= 0)
         loss    = alpha_t * (1 - p_t)^gamma * ce
-    Differentiating (d ce/dx = p - t, d(1 - p_t)/dx = (1 - 2t) p (1 - p)):
-        dloss/dx = alpha_t * [(1 - p_t)^gamma (p - t) + gamma (1 - p_t)^(gamma - 1) (1 - 2t) p (1 - p) ce]
-    1 - p is computed as sigmoid(-x), never as 1 - sigmoid(x), which rounds to 0 for large x.
-    This function is the specification of the CUDA focal-loss kernel.
+    Differentiating (d ce/dx = p - t, d(1 - p_t)/dx = (1 - 2t) p q):
+        dloss/dx = alpha_t * [(1 - p_t)^gamma (p - t) + gamma (1 - p_t)^(gamma - 1) (1 - 2t) p q ce]
+
+    Stable for logits of +-100: the only exponential is e = exp(-|x|), in (0, 1]; p and q = 1 - p both come from e
+    without a subtraction (1 - sigmoid(x) would round to 0 for large x); softplus(x) = max(x, 0) + log1p(e). The
+    cross-entropy is written as two non-negative terms because softplus(x) - t x, for t = 1 and a large x,
+    subtracts two nearly equal numbers: at x = 10 in float32 only two digits of the answer 4.5e-5 would survive.
+
+    This is also the arithmetic of the CUDA focal-loss kernel (``focal_loss_term`` in kernels/focal_loss.cuh), in
+    the same order.
+
+    Args:
+        x: logits, any shape, float32 or float64. t: targets, the same shape and dtype.
+        alpha, gamma: Python numbers (so the results keep the dtype of ``x``).
+
+    Returns:
+        loss, grad: arrays of the shape and dtype of ``x``.
     """
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))                                      # in (0, 1]
+    r = 1 / (1 + e)
+    p = xp.where(x >= 0, r, e * r)                              # sigmoid(x) = 1 / (1 + exp(-x)) = e / (1 + e) for x < 0
+    q = xp.where(x >= 0, e * r, r)                              # 1 - p = sigmoid(-x), without cancellation
+    log1p_e = xp.log1p(e)
+    ce = (1 - t) * (xp.maximum(x, 0) + log1p_e) + t * (xp.maximum(-x, 0) + log1p_e)
+    miss = t * q + (1 - t) * p                                  # 1 - p_t
+    modulator = miss ** gamma
+    loss = modulator * ce
+    grad = modulator * (p * (1 - t) - q * t)                    # (p - t), written so that no term cancels
+    if gamma != 0:
+        grad = grad + gamma * miss ** (gamma - 1) * (1 - 2 * t) * p * q * ce
+    if alpha >= 0:
+        alpha_t = alpha * t + (1 - alpha) * (1 - t)
+        loss, grad = alpha_t * loss, alpha_t * grad
+    return loss.astype(x.dtype, copy=False), grad.astype(x.dtype, copy=False)
+
+
+class SigmoidFocalLoss(Function):
+    """Element-wise focal loss: the forward computes the gradient too (``focal_loss_terms``), backward scales it."""
 
     def __init__(self, alpha, gamma):
         self.alpha, self.gamma = alpha, gamma
 
     def forward(self, x, t):
-        xp = get_array_module(x)
-        p, e = stable_sigmoid(x)
-        q = xp.where(x >= 0, e, 1) / (1 + e)           # 1 - p, without cancellation
-        ce = stable_softplus(x) - t * x
-        miss = t * q + (1 - t) * p                     # 1 - p_t
-        modulator = miss ** self.gamma
-        loss = modulator * ce
-        grad = modulator * (p * (1 - t) - q * t)       # (p - t), written so that no term cancels
-        if self.gamma != 0:
-            grad = grad + self.gamma * miss ** (self.gamma - 1) * (1 - 2 * t) * p * q * ce
-        if self.alpha >= 0:
-            alpha_t = self.alpha * t + (1 - self.alpha) * (1 - t)
-            loss, grad = alpha_t * loss, alpha_t * grad
-        self.grad = grad.astype(x.dtype, copy=False)
-        return loss.astype(x.dtype, copy=False)
+        loss, self.grad = focal_loss_terms(x, t, self.alpha, self.gamma)
+        return loss
 
     def backward(self, gy):
         return gy * self.grad, None
@@ -127,3 +150,116 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     if gamma < 0:
         raise ValueError(f"sigmoid_focal_loss: gamma must be >= 0, got {gamma}")
     return _reduce(SigmoidFocalLoss(python_number(alpha), python_number(gamma))(inputs, targets), reduction)
+
+
+# Per-anchor label codes of ``sigmoid_focal_loss_with_labels``: the same values as in minidet.matching (and in
+# kernels/common.cuh), so the matches of ``match_anchors`` can be used as labels where they are negative.
+BACKGROUND = -1   # every class's target is 0
+IGNORED = -2      # the anchor adds nothing: no loss, no gradient
+
+
+def focal_loss_with_labels_reference(logits, labels, weights, alpha, gamma):
+    """The weighted focal loss of (A, K) logits with one label per anchor, and its gradient: the specification.
+
+    loss = sum over anchors a and classes k of weights[a] * FL(logits[a, k], t = 1 if labels[a] == k else 0),
+    where FL is ``focal_loss_terms``; anchors labelled ``IGNORED`` contribute 0 to the loss and get a gradient of 0.
+    The CUDA kernel (``minidet.cuda.focal_loss_with_labels``) has the same signature and results; this NumPy
+    version builds the (A, K) targets, which the kernel never does.
+
+    Args:
+        logits: (A, K) float32 or float64.
+        labels: (A,) integers: 0..K-1 the class of a positive anchor, ``BACKGROUND`` (-1), ``IGNORED`` (-2).
+        weights: (A,) each anchor's weight, in the dtype of ``logits``.
+        alpha, gamma: Python numbers, as in ``sigmoid_focal_loss``.
+
+    Returns:
+        loss: 0-d array in the dtype of ``logits``; grad: (A, K), d loss / d logits.
+    """
+    xp = get_array_module(logits)
+    classes = xp.arange(logits.shape[1])                                        # (K,)
+    targets = (labels[:, None] == classes[None, :]).astype(logits.dtype)        # (A, K): one-hot or zero rows
+    loss, grad = focal_loss_terms(logits, targets, alpha, gamma)                # (A, K) each
+    ignored = (labels == IGNORED)[:, None]                                      # (A, 1)
+    loss = xp.where(ignored, 0, loss * weights[:, None])                        # (A, K)
+    grad = xp.where(ignored, 0, grad * weights[:, None]).astype(logits.dtype, copy=False)
+    return xp.asarray(loss.sum(), dtype=logits.dtype), grad
+
+
+class SigmoidFocalLossWithLabels(Function):
+    """The summed focal loss of (A, K) logits with per-anchor labels (inputs: logits, labels, weights).
+
+    The forward computes the loss and its gradient in one pass: with the CUDA kernel for CuPy arrays, with the
+    NumPy reference otherwise (the one place that chooses). The backward only scales that gradient.
+    """
+
+    def __init__(self, alpha, gamma):
+        self.alpha, self.gamma = alpha, gamma
+
+    def forward(self, logits, labels, weights):
+        focal = cuda.focal_loss_with_labels if is_cupy_array(logits) else focal_loss_with_labels_reference
+        loss, self.grad = focal(logits, labels, weights, self.alpha, self.gamma)
+        return loss
+
+    def backward(self, gy):
+        # The loss is one number, so its upstream gradient gy is one number too, and 1 when this loss (or a sum
+        # of losses that contains it) is what backward() started from: then the stored gradient is the answer as
+        # it is, and multiplying would cost a pass over all A * K values (as much memory traffic as the forward).
+        # Reading gy waits for the GPU, which has finished the forward by then anyway.
+        grad = self.grad if float(gy) == 1 else gy * self.grad
+        return grad, None, None
+
+
+def sigmoid_focal_loss_with_labels(logits, labels, weights=None, alpha=0.25, gamma=2.0):
+    """The focal loss summed over (A, K) logits, with one class label per anchor instead of dense targets.
+
+    Equal to ``(weights[:, None] * sigmoid_focal_loss(logits, one_hot(labels), alpha, gamma)).sum()`` over the
+    anchors that are not ignored, where the one-hot row of a ``BACKGROUND`` anchor is all zeros. RetinaNet's
+    classification loss is this, with weights 1 / (number of positive anchors) (per image, or for the batch).
+    Without the (A, K) targets, and on a GPU in one kernel that reads each logit once and writes its gradient.
+
+    Args:
+        logits: Tensor or array (A, K), float32 or float64: A anchors (all images' together), K classes.
+        labels: (A,) integer array: 0..K-1, the class of a positive anchor; ``BACKGROUND`` (-1): every target 0;
+            ``IGNORED`` (-2): the anchor adds no loss and gets no gradient. Constants.
+        weights: (A,) array, each anchor's loss is multiplied by its weight (None: all 1). Constants.
+        alpha: weight of the positive class in (0, 1); a negative value turns weighting off.
+        gamma: focusing parameter, >= 0.
+
+    Returns:
+        A 0-d Tensor in the dtype of ``logits``. Its backward multiplies the gradient stored by the forward by the
+        upstream gradient.
+
+    On a GPU (CuPy arrays) the CUDA kernel computes it. Its exp and log1p round differently from NumPy's and it sums
+    in another order, so the two agree within float32 rounding, not bit for bit: each gradient element within 32
+    units in the last place, the loss within 1e-5 relative (tests/test_kernels.py explains the tolerances).
+    """
+    name = "sigmoid_focal_loss_with_labels"
+    for what, value in (("labels", labels), ("weights", weights)):
+        if isinstance(value, Tensor) and value.requires_grad:
+            raise ValueError(f"{name}: {what} must be constants; pass {what}.detach()")
+    data = logits.data if isinstance(logits, Tensor) else logits
+    xp = get_array_module(data)
+    labels = labels.data if isinstance(labels, Tensor) else labels
+    weights = weights.data if isinstance(weights, Tensor) else weights
+    labels = labels if hasattr(labels, "dtype") else xp.asarray(labels)                # a list: on the logits' device
+    weights = weights if weights is None or hasattr(weights, "dtype") else xp.asarray(weights, dtype=data.dtype)
+    if data.ndim != 2:
+        raise ValueError(f"{name}: logits must be (A, K), one row per anchor, got shape {tuple(data.shape)}")
+    if data.dtype.kind != "f":
+        raise TypeError(f"{name}: logits must be float32 or float64, got {data.dtype}")
+    num_anchors, num_classes = data.shape
+    if tuple(labels.shape) != (num_anchors,) or labels.dtype.kind not in "iu":
+        raise ValueError(f"{name}: labels must be an integer array of shape ({num_anchors},), one per row of the "
+                         f"logits; got dtype {labels.dtype} and shape {tuple(labels.shape)}")
+    if num_anchors and (int(labels.min()) < IGNORED or int(labels.max()) >= num_classes):
+        raise ValueError(f"{name}: labels must be classes 0..{num_classes - 1}, BACKGROUND (-1) or IGNORED (-2); "
+                         f"got values from {int(labels.min())} to {int(labels.max())}")
+    if weights is None:
+        weights = xp.ones(num_anchors, dtype=data.dtype)
+    if tuple(weights.shape) != (num_anchors,):
+        raise ValueError(f"{name}: weights must have shape ({num_anchors},), one per anchor, "
+                         f"got {tuple(weights.shape)}")
+    if gamma < 0:
+        raise ValueError(f"{name}: gamma must be >= 0, got {gamma}")
+    return SigmoidFocalLossWithLabels(python_number(alpha), python_number(gamma))(
+        logits, labels.astype("int32", copy=False), weights.astype(data.dtype, copy=False))

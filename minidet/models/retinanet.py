@@ -22,7 +22,7 @@ from minidet.autograd import Tensor, no_grad
 from minidet.backend import get_array_module, to_numpy
 from minidet.boxes import batched_nms, check_boxes, clip_boxes, decode_boxes, encode_boxes
 from minidet.functional.activation import stable_sigmoid
-from minidet.matching import BACKGROUND, IGNORED, match_anchors
+from minidet.matching import BACKGROUND, IGNORED, match_anchors_batch
 from minidet.models.fpn import FeaturePyramid
 from minidet.models.heads import ClassificationHead, RegressionHead
 from minidet.models.resnet import resnet18, resnet34, resnet50, resnet_small
@@ -147,17 +147,20 @@ class RetinaNet(nn.Module):
     def compute_loss(self, cls_logits, box_deltas, anchors, targets):
         """The focal loss and the box regression loss, from the subnets' outputs.
 
-        Each image's anchors are matched to its boxes (``minidet.matching.match_anchors``): IoU >= 0.5 positive,
-        < 0.4 background, in between ignored (plus each box's best anchors when ``allow_low_quality_matches``).
+        The anchors are matched to each image's boxes (``minidet.matching.match_anchors_batch``, all images at once):
+        IoU >= 0.5 positive, < 0.4 background, in between ignored (plus each box's best anchors when
+        ``allow_low_quality_matches``).
 
-        - classification: ``sigmoid_focal_loss`` (alpha 0.25, gamma 2) summed over the K classes of every anchor
-          that is not ignored; the target is 1 for a positive anchor's class, 0 everywhere else.
+        - classification: the focal loss (alpha 0.25, gamma 2) summed over the K classes of every anchor that is not
+          ignored; the target is 1 for a positive anchor's class, 0 everywhere else. Computed by
+          ``sigmoid_focal_loss_with_labels`` from one label per anchor (its class, or background, or ignored), so
+          the (N, M, K) targets are never built; on a GPU it is one kernel.
         - box_regression: smooth L1 (beta 0.11; torchvision: plain L1) between the predicted offsets of the
           positive anchors and their matched boxes encoded against them (``encode_boxes``, weights 1, 1, 1, 1).
         - normalisation: ``"batch"`` (paper) divides both sums by max(1, positive anchors in the batch);
           ``"image"`` (torchvision) divides each image's sums by max(1, its positives) and averages over images.
           Dividing by the positives, not by all anchors, keeps the loss's scale independent of the ~100k easy
-          negatives, whose focal loss is nearly 0 anyway.
+          negatives, whose focal loss is nearly 0 anyway. The focal loss gets it as a weight per anchor.
 
         Args:
             cls_logits: Tensor (N, M, K). box_deltas: Tensor (N, M, 4).
@@ -168,15 +171,24 @@ class RetinaNet(nn.Module):
             dict: "classification" and "box_regression", scalar Tensors (the loss to backpropagate is their sum);
             "num_positive", "num_ignored", "num_negative", ints, the anchors of the whole batch in each category.
         """
-        num_images = cls_logits.shape[0]
+        num_images, num_anchors, num_classes = cls_logits.shape
         self._check_targets(targets, num_images)
         xp = get_array_module(anchors)
         boxes = [xp.asarray(t["boxes"]) for t in targets]
         labels = [xp.asarray(t["labels"]) for t in targets]
-        matches = xp.stack([match_anchors(anchors, b, POSITIVE_IOU, BACKGROUND_IOU, self.allow_low_quality_matches)[0]
-                            for b in boxes])                                   # (N, M) box index, -1 or -2
+
+        # The images' boxes and labels padded to the largest number of boxes (at least 1 slot, so that the label
+        # lookup below has something to index even when no image has a box).
+        counts = [len(b) for b in boxes]
+        max_boxes = max(counts + [1])
+        padded_boxes = xp.zeros((num_images, max_boxes, 4), dtype=anchors.dtype)      # (N, Gmax, 4)
+        padded_labels = xp.zeros((num_images, max_boxes), dtype=xp.int64)              # (N, Gmax)
+        for i, count in enumerate(counts):
+            padded_boxes[i, :count] = boxes[i]
+            padded_labels[i, :count] = labels[i]
+        matches, _ = match_anchors_batch(anchors, padded_boxes, xp.asarray(counts, dtype=xp.int32), POSITIVE_IOU,
+                                         BACKGROUND_IOU, self.allow_low_quality_matches)  # (N, M) box, -1 or -2
         positive = matches >= 0                                                 # (N, M)
-        not_ignored = matches != IGNORED                                        # (N, M) positives and background
 
         # The number each image's losses are divided by, set by the preset's normalisation.
         positives_per_image = positive.sum(axis=1)                              # (N,)
@@ -186,16 +198,15 @@ class RetinaNet(nn.Module):
             divisor = num_images * xp.maximum(positives_per_image, 1)           # (N,)
         divisor = divisor.astype(cls_logits.dtype)
 
-        # Classification targets: one-hot rows for positive anchors (the class of their box), zero rows otherwise.
-        class_targets = xp.zeros(cls_logits.shape, dtype=cls_logits.dtype)     # (N, M, K)
-        for i in range(num_images):
-            rows = xp.flatnonzero(positive[i])                                  # (P_i,) positive anchors
-            class_targets[i, rows, labels[i][matches[i, rows]]] = 1
-        # One gather for the whole batch (not one per image, whose gradients would each be a full (N, M, K) array).
-        image_of_row = xp.nonzero(not_ignored)[0]                               # (V,) the image of each kept anchor
-        focal = F.sigmoid_focal_loss(cls_logits[not_ignored], class_targets[not_ignored],
-                                     alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA, reduction="none")   # (V, K)
-        classification = (focal.sum(dim=1) / divisor[image_of_row]).sum()      # (V,) / (V,), summed
+        # Classification: each anchor's label is the class of its box if it is positive, and otherwise its match
+        # code, BACKGROUND (-1) or IGNORED (-2), which are also the focal loss's label codes. Its weight is
+        # 1 / its image's divisor.
+        box_class = xp.take_along_axis(padded_labels, xp.maximum(matches, 0), axis=1)    # (N, M)
+        anchor_labels = xp.where(positive, box_class, matches)                 # (N, M)
+        anchor_weights = xp.broadcast_to((1 / divisor)[:, None], (num_images, num_anchors))   # (N, M)
+        classification = F.sigmoid_focal_loss_with_labels(
+            cls_logits.reshape(num_images * num_anchors, num_classes), anchor_labels.reshape(-1),
+            anchor_weights.reshape(-1), alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA)
 
         # Box regression targets: each positive anchor's box, encoded relative to the anchor.
         box_targets = xp.concatenate([

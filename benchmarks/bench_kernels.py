@@ -1,0 +1,353 @@
+"""How fast are minidet's CUDA kernels? Focal loss and IoU matching, timed on a GPU against torchvision.
+
+What is measured (issue 5):
+
+1. Focal loss, forward + backward, on 8 images x 120,000 anchors x 80 classes (and x 20 classes): one float32
+   logit per (anchor, class), labels with about 0.1% positive and 1% ignored anchors, weights 1 / (8 x the image's
+   positives) as in torchvision's RetinaNet.
+   - ours, kernel: ``minidet.cuda.focal_loss_with_labels``, the one launch that computes the loss and the
+     gradient (the backward then has nothing left to do when its upstream gradient is 1). This is what the memory
+     floor is about.
+   - ours, public op: ``F.sigmoid_focal_loss_with_labels(x, labels, weights)`` then ``loss.backward()`` on a fresh
+     leaf ``x``: adds the checks of the labels (two small reductions, read back), the read of the upstream
+     gradient, and the autograd engine's copy of the gradient into ``x.grad`` (one more read and write of every
+     element; in a model the logits are not a leaf and there is no such copy).
+   - torchvision: ``torchvision.ops.sigmoid_focal_loss(x, targets, reduction="none")``, each row summed and
+     weighted (0 for ignored anchors), summed, then ``backward()`` on a fresh leaf. The dense one-hot targets are
+     made once, untimed (torchvision's RetinaNet builds them every step).
+   The memory floor is the bytes that must move (read each logit, write its gradient: 8 B, plus 8 B of label and
+   weight per anchor) divided by the copy rate of the GPU (``--bandwidth``, 3.0 TB/s for an H100 by default).
+   Goals: at least 5x faster than torchvision, within 1.4x of the floor.
+
+2. IoU matching of 8 images x ~120,000 anchors (those of a 704 x 912 image, torchvision's preset: 120,519) against
+   50 boxes each, with low-quality matches: ``minidet.matching.match_anchors_batch`` on CuPy arrays (two kernel
+   launches) against ``torchvision.ops.box_iou`` + torchvision's ``Matcher(0.5, 0.4, allow_low_quality_matches=
+   True)`` image by image. The matches must be identical. Peak memory: CuPy's allocations, followed with a memory
+   hook, and ``torch.cuda.max_memory_allocated``, each above what was allocated before the call.
+   Goal: at least 10x faster than torchvision.
+
+Both libraries run in this process on the same arrays (shared through DLPack, no copies), TF32 off. Each
+measurement: warm-up runs (the first compiles the kernels), then CUDA events around each run, median of the repeats
+in microseconds. Run from the repository root:
+
+    PYTHONPATH=. python benchmarks/bench_kernels.py              # the issue's shapes
+    PYTHONPATH=. python benchmarks/bench_kernels.py --quick      # small shapes, a smoke test of the script
+    PYTHONPATH=. python benchmarks/bench_kernels.py --bandwidth 4.8e12   # another GPU's copy rate (H200)
+
+Needs CuPy and a CUDA GPU (it stops with a message otherwise); torch and torchvision for the comparison.
+"""
+
+import argparse
+import datetime
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+import minidet as md
+import minidet.functional as F
+from minidet import backend, cuda
+from minidet.anchors import AnchorGenerator
+from minidet.functional.loss import BACKGROUND, IGNORED
+from minidet.matching import match_anchors_batch
+
+ALPHA, GAMMA = 0.25, 2.0
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=30, help="timed runs per measurement; the median is reported")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (the first one compiles)")
+    parser.add_argument("--bandwidth", type=float, default=3.0e12,
+                        help="the GPU's copy rate in bytes/s, for the memory floor (default 3.0e12, an H100 SXM)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats: checks the script runs")
+    parser.add_argument("--no-torch", action="store_true", help="time minidet only")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeat, args.warmup = 3, 1
+    return args
+
+
+# --- timing ------------------------------------------------------------------------------------------------------
+
+def median_us(run, events, repeat, warmup, prepare=None):
+    """Median GPU time of ``run(state)`` in microseconds, from CUDA events recorded on the current stream around
+    it; ``state = prepare()`` is made fresh and untimed each run. The events also count any time the GPU waits for
+    the host in between (a value read back, a launch that comes late), which is part of the cost."""
+    times = []
+    for i in range(warmup + repeat):
+        state = prepare() if prepare is not None else None
+        start, end = events()
+        start.record()
+        run(state)
+        end.record()
+        end.synchronize()
+        if i >= warmup:
+            times.append(elapsed_ms(start, end) * 1000)
+    return statistics.median(times)
+
+
+def cupy_events():
+    cupy = backend.cupy
+    return cupy.cuda.Event(), cupy.cuda.Event()
+
+
+def torch_events():
+    import torch
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def elapsed_ms(start, end):
+    if hasattr(start, "elapsed_time"):       # torch.cuda.Event
+        return start.elapsed_time(end)
+    return backend.cupy.cuda.get_elapsed_time(start, end)
+
+
+class CupyPeakMemory:
+    """The peak of the bytes CuPy's memory pool has handed out, above the level when the block started: a memory
+    hook sees every allocation and every release."""
+
+    def __init__(self):
+        cupy = backend.cupy
+
+        class Hook(cupy.cuda.MemoryHook):
+            name = "minidet_peak_memory"
+
+            def __init__(hook):
+                hook.in_use = hook.peak = 0
+
+            def malloc_postprocess(hook, **kwargs):
+                hook.in_use += kwargs["mem_size"]
+                hook.peak = max(hook.peak, hook.in_use)
+
+            def free_postprocess(hook, **kwargs):
+                hook.in_use -= kwargs["mem_size"]
+
+        self.hook = Hook()
+
+    def __enter__(self):
+        self.hook.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.__exit__(*exc)
+
+    @property
+    def peak(self):
+        return self.hook.peak
+
+
+def torch_peak_memory(run):
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# --- focal loss --------------------------------------------------------------------------------------------------
+
+def focal_inputs(num_images, anchors_per_image, num_classes, seed=0):
+    """Logits (A, K) float32 around the prior -4.6 (some at +-100), labels (A,) int32 and weights (A,) float32."""
+    cupy = backend.cupy
+    rng = cupy.random.default_rng(seed)
+    num_anchors = num_images * anchors_per_image
+    logits = rng.standard_normal((num_anchors, num_classes), dtype=cupy.float32) * 2 - 4.6
+    logits[::997] = 100
+    logits[1::991] = -100
+    draw = rng.random(num_anchors)
+    labels = cupy.full(num_anchors, BACKGROUND, dtype=cupy.int32)
+    labels[draw < 0.01] = IGNORED
+    positive = draw > 0.999
+    labels[positive] = rng.integers(0, num_classes, int(positive.sum()), dtype=cupy.int32)
+    positives_per_image = positive.reshape(num_images, anchors_per_image).sum(axis=1)
+    weights = cupy.repeat(1 / (num_images * cupy.maximum(positives_per_image, 1)), anchors_per_image)
+    return logits, labels, weights.astype(cupy.float32)
+
+
+def bench_focal(args, num_images, anchors_per_image, num_classes, torch, torchvision):
+    cupy = backend.cupy
+    logits, labels, weights = focal_inputs(num_images, anchors_per_image, num_classes)
+    num_anchors = logits.shape[0]
+    moved = num_anchors * num_classes * (4 + 4) + num_anchors * (4 + 4)
+    floor_us = moved / args.bandwidth * 1e6
+    shape = f"{num_images} x {anchors_per_image:,} anchors x {num_classes} classes"
+    print(f"\nfocal loss, forward + backward, {shape}: {moved / 1e6:.0f} MB to move, floor {floor_us:.0f} us "
+          f"at {args.bandwidth / 1e12:.1f} TB/s")
+
+    kernel_us = median_us(lambda _: cuda.focal_loss_with_labels(logits, labels, weights, ALPHA, GAMMA),
+                          cupy_events, args.repeat, args.warmup)
+
+    def public_op(_):
+        x = md.Tensor(logits, requires_grad=True)
+        F.sigmoid_focal_loss_with_labels(x, labels, weights, alpha=ALPHA, gamma=GAMMA).backward()
+        return x
+
+    op_us = median_us(public_op, cupy_events, args.repeat, args.warmup)
+    rows = [("minidet kernel (loss + gradient)", kernel_us), ("minidet F.sigmoid_focal_loss_with_labels + backward",
+                                                              op_us)]
+    result = {"shape": shape, "bytes": moved, "floor_us": floor_us, "kernel_us": kernel_us, "op_us": op_us}
+
+    if torch is not None:
+        x_torch = torch.from_dlpack(logits)
+        targets = torch.zeros_like(x_torch)
+        labels_torch = torch.from_dlpack(labels).long()
+        rows_positive = torch.nonzero(labels_torch >= 0).squeeze(1)
+        targets[rows_positive, labels_torch[rows_positive]] = 1
+        row_weights = torch.from_dlpack(weights) * (labels_torch != IGNORED)
+
+        def torchvision_step(_):
+            x = x_torch.detach().requires_grad_()
+            loss = torchvision.ops.sigmoid_focal_loss(x, targets, alpha=ALPHA, gamma=GAMMA, reduction="none")
+            total = (loss.sum(dim=1) * row_weights).sum()
+            total.backward()
+            return total, x
+
+        # First, the same numbers: loss and gradient.
+        ours_loss, ours_grad = cuda.focal_loss_with_labels(logits, labels, weights, ALPHA, GAMMA)
+        their_loss, x = torchvision_step(None)
+        their_grad = cupy.from_dlpack(x.grad)
+        loss_error = abs(float(ours_loss) - their_loss.item()) / abs(their_loss.item())
+        grad_error = float(cupy.abs(ours_grad - their_grad).max() / cupy.abs(their_grad).max())
+        print(f"  agreement with torchvision: loss {loss_error:.1e} relative, gradient {grad_error:.1e} "
+              "(max difference / max value)")
+        torchvision_us = median_us(torchvision_step, torch_events, args.repeat, args.warmup)
+        rows.append(("torchvision sigmoid_focal_loss + autograd", torchvision_us))
+        result.update(torchvision_us=torchvision_us, loss_error=loss_error, grad_error=grad_error)
+
+    print(f"  {'':<52} {'median us':>10} {'x floor':>8}")
+    for name, us in rows:
+        print(f"  {name:<52} {us:10.1f} {us / floor_us:8.2f}")
+    if torch is not None:
+        speedup = result["torchvision_us"] / kernel_us
+        print(f"  torchvision / minidet kernel: {speedup:.1f}x (goal >= 5x); kernel / floor: "
+              f"{kernel_us / floor_us:.2f} (goal <= 1.4); torchvision / public op: "
+              f"{result['torchvision_us'] / op_us:.1f}x")
+    return result
+
+
+# --- IoU matching --------------------------------------------------------------------------------------------------
+
+def matching_inputs(num_images, num_boxes, image_size, seed=0):
+    """The torchvision preset's anchors for one image size, and ``num_boxes`` plausible boxes per image."""
+    cupy = backend.cupy
+    height, width = image_size
+    strides = (8, 16, 32, 64, 128)
+    feature_sizes = [(-(-height // s), -(-width // s)) for s in strides]
+    anchors = AnchorGenerator("torchvision")(image_size, feature_sizes)                   # (A, 4) NumPy float32
+    rng = np.random.default_rng(seed)
+    sizes = np.exp(rng.uniform(np.log(16), np.log(400), (num_images, num_boxes, 1)))
+    aspect = np.exp(rng.uniform(np.log(0.5), np.log(2), (num_images, num_boxes, 1)))
+    wh = np.concatenate([sizes * np.sqrt(aspect), sizes / np.sqrt(aspect)], axis=2)
+    corner = rng.uniform(0, 1, (num_images, num_boxes, 2)) * (np.array([width, height]) - wh).clip(1)
+    boxes = np.concatenate([corner, corner + wh], axis=2).astype(np.float32)              # (B, G, 4)
+    counts = np.full(num_images, num_boxes, dtype=np.int32)
+    return cupy.asarray(anchors), cupy.asarray(boxes), cupy.asarray(counts)
+
+
+def bench_matching(args, num_images, num_boxes, image_size, torch, torchvision):
+    cupy = backend.cupy
+    anchors, boxes, counts = matching_inputs(num_images, num_boxes, image_size)
+    shape = f"{num_images} x {anchors.shape[0]:,} anchors x {num_boxes} boxes, low-quality matches"
+    print(f"\nIoU matching, {shape}")
+
+    def ours(_=None):
+        return match_anchors_batch(anchors, boxes, counts, 0.5, 0.4, allow_low_quality_matches=True)
+
+    def kernels_only(_=None):
+        return cuda.match_anchors_batch(anchors, boxes, counts, 0.5, 0.4, True)
+
+    matches, _ = ours()
+    cupy.cuda.Device().synchronize()
+    with CupyPeakMemory() as memory:
+        ours()
+        cupy.cuda.Device().synchronize()
+    ours_us = median_us(ours, cupy_events, args.repeat, args.warmup)
+    kernels_us = median_us(kernels_only, cupy_events, args.repeat, args.warmup)
+    positives = int((matches >= 0).sum())
+    rows = [("minidet match_anchors_batch", ours_us, memory.peak), ("minidet kernels only", kernels_us, None)]
+    result = {"shape": shape, "ours_us": ours_us, "kernels_us": kernels_us, "ours_peak_bytes": memory.peak,
+              "positives": positives}
+
+    if torch is not None:
+        from torchvision.models.detection._utils import Matcher
+
+        matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+        anchors_torch, boxes_torch = torch.from_dlpack(anchors), torch.from_dlpack(boxes)
+
+        def torchvision_matching(_=None):
+            return torch.stack([matcher(torchvision.ops.box_iou(boxes_torch[b], anchors_torch))
+                                for b in range(num_images)])
+
+        theirs = cupy.from_dlpack(torchvision_matching())
+        differ = int((theirs != matches).sum())
+        print(f"  matches identical to torchvision's: {differ == 0} ({differ} of {matches.size:,} differ; "
+              f"{positives:,} positive anchors)")
+        torch_peak = torch_peak_memory(torchvision_matching)
+        torch_us = median_us(torchvision_matching, torch_events, args.repeat, args.warmup)
+        rows.append(("torchvision box_iou + Matcher, per image", torch_us, torch_peak))
+        result.update(torchvision_us=torch_us, torchvision_peak_bytes=torch_peak, differing_matches=differ)
+
+    print(f"  {'':<44} {'median us':>10} {'peak memory':>12}")
+    for name, us, peak in rows:
+        print(f"  {name:<44} {us:10.1f} {'-' if peak is None else f'{peak / 1e6:.1f} MB':>12}")
+    if torch is not None:
+        print(f"  torchvision / minidet: {result['torchvision_us'] / ours_us:.1f}x (goal >= 10x)")
+    return result
+
+
+# --- main ----------------------------------------------------------------------------------------------------------
+
+def commit():
+    try:
+        root = pathlib.Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main():
+    args = parse_args()
+    if not backend.cuda_available():
+        sys.exit("bench_kernels.py needs CuPy and a CUDA GPU, and found none usable here "
+                 f"(CuPy {'installed' if backend.cupy is not None else 'not installed'}); nothing was timed.")
+    cupy = backend.cupy
+    torch = torchvision = None
+    if not args.no_torch:
+        try:
+            import torch
+            import torchvision
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            if not torch.cuda.is_available():
+                print("torch cannot see the GPU: timing minidet only")
+                torch = torchvision = None
+        except ImportError as error:
+            print(f"torch or torchvision is missing ({error}): timing minidet only")
+            torch = torchvision = None
+
+    device = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    print(f"device: {device['name'].decode()}, {device['totalGlobalMem'] / 2**30:.0f} GiB; "
+          f"CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}, driver {cupy.cuda.runtime.driverGetVersion()}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, cupy {cupy.__version__}"
+          + (f", torch {torch.__version__}, torchvision {torchvision.__version__}" if torch is not None else ""))
+    print(f"date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit {commit()}; "
+          f"median of {args.repeat} runs after {args.warmup} warm-up runs; TF32 off")
+
+    if args.quick:
+        bench_focal(args, 2, 5_000, 80, torch, torchvision)
+        bench_matching(args, 2, 10, (256, 320), torch, torchvision)
+        return
+    for num_classes in (80, 20):
+        bench_focal(args, 8, 120_000, num_classes, torch, torchvision)
+    bench_matching(args, 8, 50, (704, 912), torch, torchvision)
+
+
+if __name__ == "__main__":
+    main()
