@@ -1,0 +1,170 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Step 10: the whole model
+#
+# Steps 3 to 9 built every part of RetinaNet. Put together (the article's Fig. 1):
+#
+# ```
+# images (N, 3, H, W)
+#   -> backbone                 C3, C4, C5                       step 3
+#   -> feature pyramid          P3 ... P7                        step 4
+#   -> classification subnet    (N, M, K) logits, M anchors      step 5
+#   -> regression subnet        (N, M, 4) offsets                step 5
+# training: anchors (step 6) matched to the boxes (step 7); focal loss (step 9) + smooth L1 on the offsets (step 8)
+# ```
+#
+# Both losses are sums over anchors divided by the number of **positive** anchors in the batch: the few objects
+# set the scale, not the many easy negatives. We compute the two losses by hand from the parts, compare them with
+# `RetinaNet`'s, and look at which anchors learn each object.
+
+# %%
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
+from tutorial_setup import SMALL, save  # shared by the steps: tutorials/tutorial_setup.py
+
+import minidet as md
+import minidet.functional as F
+from minidet.boxes import encode_boxes
+from minidet.matching import BACKGROUND, IGNORED, match_anchors
+from minidet.models import RetinaNet
+from minidet.testing import assert_close
+
+# %% [markdown]
+# ## A model and an image with three objects
+#
+# A small backbone so that this runs in seconds on a CPU (`backbone="resnet50"` and `fpn_channels=256` are the
+# paper's), three classes, and one synthetic image with a small, a medium and a large object.
+
+# %%
+SIZE, CHANNELS = (128, 32) if SMALL else (256, 64)
+md.manual_seed(0)
+model = RetinaNet(num_classes=3, backbone="resnet_small", fpn_channels=CHANNELS)
+scale = SIZE / 256
+boxes = np.array([[30, 40, 62, 70], [110, 20, 190, 90], [60, 110, 230, 240]], dtype=np.float32) * scale
+labels = np.array([0, 1, 2])
+names = ["small (class 0)", "medium (class 1)", "large (class 2)"]
+image = np.full((1, 3, SIZE, SIZE), 0.2, dtype=np.float32)
+for (x1, y1, x2, y2), label in zip(boxes.astype(int), labels):
+    image[0, :, y1:y2, x1:x2] = 0.45 + 0.2 * label      # grey squares, one shade per class
+images = md.tensor(image)
+targets = [{"boxes": boxes, "labels": labels}]
+print(f"image {SIZE} x {SIZE}; boxes (x1, y1, x2, y2):\n{boxes}")
+
+# %% [markdown]
+# ## The losses by hand
+#
+# 1. run the network: backbone, pyramid, the two subnets, and the anchors of every level;
+# 2. match the anchors to the boxes: positive (its box's index), background (-1) or ignored (-2);
+# 3. classification: focal loss (alpha 0.25, gamma 2) with target 1 for a positive anchor's class and 0
+#    elsewhere, summed over every anchor that is not ignored;
+# 4. box regression: smooth L1 (beta 0.11) between the positive anchors' predicted offsets and their boxes
+#    encoded against them;
+# 5. divide both by the number of positive anchors.
+
+# %%
+features = model.fpn(model.backbone(images))                          # [P3, ..., P7]
+cls_logits = model.classification_head(features)                      # (1, M, K)
+box_deltas = model.regression_head(features)                          # (1, M, 4)
+feature_sizes = [tuple(p.shape[-2:]) for p in features]
+anchors = model.anchor_generator((SIZE, SIZE), feature_sizes)          # (M, 4)
+matches, ious = match_anchors(anchors, boxes)                          # (M,)
+positive = matches >= 0
+num_positive = int(positive.sum())
+
+one_hot = np.zeros(cls_logits.shape[1:], dtype=np.float32)             # (M, K)
+one_hot[positive, labels[matches[positive]]] = 1
+not_ignored = matches != IGNORED
+focal = F.sigmoid_focal_loss(cls_logits[0][not_ignored], one_hot[not_ignored], alpha=0.25, gamma=2.0,
+                             reduction="sum")
+box_targets = encode_boxes(boxes[matches[positive]], anchors[positive])    # (P, 4)
+smooth_l1 = F.smooth_l1_loss(box_deltas[0][positive], box_targets, reduction="sum", beta=0.11)
+classification_hand = focal / max(1, num_positive)
+box_regression_hand = smooth_l1 / max(1, num_positive)
+print(f"{len(anchors)} anchors: {num_positive} positive, {int((matches == IGNORED).sum())} ignored, "
+      f"{int((matches == BACKGROUND).sum())} background")
+print(f"by hand:  classification {classification_hand.item():.5f}, box regression {box_regression_hand.item():.5f}")
+
+# %% [markdown]
+# ## `RetinaNet` does the same
+#
+# `model(images, targets)` runs these steps (`RetinaNet.compute_loss`, for a whole batch at once, with one label
+# per anchor instead of the (M, K) one-hot targets).
+
+# %%
+losses = model(images, targets)
+print(f"RetinaNet: classification {losses['classification'].item():.5f}, "
+      f"box regression {losses['box_regression'].item():.5f}; positives {losses['num_positive']}, "
+      f"ignored {losses['num_ignored']}, negatives {losses['num_negative']}")
+assert_close(losses["classification"], classification_hand, rtol=1e-5, name="classification loss")
+assert_close(losses["box_regression"], box_regression_hand, rtol=1e-5, name="box regression loss")
+assert losses["num_positive"] == num_positive
+print("the losses by hand equal RetinaNet's")
+print(f"at the start a positive costs about 0.25 x 0.99^2 x log(100) = {0.25 * 0.99 ** 2 * np.log(100):.3f} "
+      f"and a negative almost nothing: the classification loss per positive is {losses['classification'].item():.3f}")
+
+(losses["classification"] + losses["box_regression"]).backward()
+grad_norm = np.sqrt(sum((p.grad.astype(np.float64) ** 2).sum() for p in model.parameters() if p.grad is not None))
+print(f"backward: gradients for {sum(p.grad is not None for p in model.parameters())} parameter tensors, "
+      f"norm {grad_norm:.3f}")
+
+# %% [markdown]
+# An untrained model finds nothing: every probability starts at 0.01, under the 0.05 score threshold.
+
+# %%
+detections = model.predict(images)
+print("detections of the untrained model:", {k: v.shape for k, v in detections[0].items()})
+
+# %% [markdown]
+# ## Which anchors learn each object
+#
+# Left: the positive anchors of each object, coloured by pyramid level. Each object is learnt at the level whose
+# anchors fit its size: at full size (256 px) the small object on P3, the medium one on P4, the large one on P5.
+# In the small-size run (128 px) everything is half as large, and the small object, about 16 pixels, gets no positive
+# anchor at all: under about 23 pixels, as step 6 predicted. Right: the positive anchors of each object, by level.
+
+# %%
+level_of = np.repeat(np.arange(3, 8), model.anchor_generator.num_anchors_per_level(feature_sizes))   # (M,)
+level_colours = {3: "tab:blue", 4: "tab:orange", 5: "tab:green", 6: "tab:red", 7: "tab:purple"}
+fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 5.2), gridspec_kw={"width_ratios": [1, 1.1]})
+ax.imshow(image[0].transpose(1, 2, 0))
+for m in np.flatnonzero(positive):
+    x1, y1, x2, y2 = anchors[m]
+    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=level_colours[level_of[m]], lw=1.2,
+                           alpha=0.8))
+for (x1, y1, x2, y2), name in zip(boxes, names):
+    ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=2.5))
+    ax.text(x1, y1 - 2, name, color="white", fontsize=9, va="bottom", weight="bold")
+ax.set_xlim(-0.3 * SIZE, 1.3 * SIZE)
+ax.set_ylim(1.3 * SIZE, -0.3 * SIZE)
+ax.set_title(f"{num_positive} positive anchors (IoU >= 0.5), coloured by level")
+counts = np.array([[int(((matches == g) & (level_of == lv)).sum()) for lv in range(3, 8)] for g in range(3)])
+bottom = np.zeros(3)
+for i, lv in enumerate(range(3, 8)):
+    bars.bar(np.arange(3), counts[:, i], 0.6, bottom=bottom, color=level_colours[lv], ec="black", label=f"P{lv}")
+    bottom += counts[:, i]
+for g, name in enumerate(names):
+    side = np.sqrt((boxes[g, 2] - boxes[g, 0]) * (boxes[g, 3] - boxes[g, 1]))
+    print(f"{name:17s} ({side:5.1f} px) positives per level P3..P7: {counts[g].tolist()}"
+          + ("  <- none: smaller than ~23 px, as step 6 predicted" if counts[g].sum() == 0 else ""))
+bars.set_xticks(np.arange(3), [n.replace(" (", "\n(") for n in names])
+bars.set_xlabel("object")
+bars.set_ylabel("positive anchors")
+bars.set_ylim(0, 1.15 * counts.sum(axis=1).max())
+bars.set_title("positive anchors per object, by level")
+bars.legend(title="level")
+fig.tight_layout()
+save(fig, "10_positive_anchors.png")
