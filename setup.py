@@ -12,13 +12,13 @@ setup(
     packages=find_packages(include=["minidet", "minidet.*"]) + ["minidet.kernels"],
     package_dir={"minidet.kernels": "kernels"},
     package_data={"minidet.kernels": ["*.cu", "*.cuh"]},
-    install_requires=["numpy>=2.0", "matplotlib>=3.8"],
+    install_requires=["numpy>=2.0", "matplotlib>=3.8", "tqdm>=4.60"],
     extras_require={
         "cuda12": ["cupy-cuda12x[ctk]>=13"],
         "gpu": ["cupy-cuda12x[ctk]>=13"],
         "cuda13": ["cupy-cuda13x[ctk]>=13"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "jupytext>=1.16"],
     },
     entry_points={"console_scripts": ["minidet = minidet.cli:main"]},
 )

@@ -5,7 +5,9 @@ Updates follow PyTorch's formulas exactly, so the same settings train the same w
 
 import math
 
-from minidet.backend import get_array_module
+import numpy as np
+
+from minidet.backend import get_array_module, to_numpy
 
 
 class Optimizer:
@@ -14,12 +16,71 @@ class Optimizer:
         if not params:
             raise ValueError(f"{type(self).__name__}: got no parameters to optimize")
         self.param_groups = [dict(defaults, params=params)]
-        self.state = {}  # per-parameter state (momentum buffers, moments), keyed by id
+        self.state = {}  # per-parameter state, keyed by id: a dict such as {"momentum_buffer": array}
 
     def zero_grad(self):
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
+
+    def _parameters(self):
+        """Every parameter, numbered in the order the optimizer was given them (the numbering state_dict uses)."""
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self):
+        """What ``step`` depends on besides the parameters' values: a flat dict of name -> NumPy array.
+
+        - ``"group.<g>.<setting>"``: each group's settings (lr, momentum, weight_decay, betas, ...);
+        - ``"state.<i>.<name>"``: the state of parameter i, numbered in the order the parameters were given
+          (the momentum buffer for SGD; step and the two moments for Adam). Parameters without state yet
+          (never stepped) have no entry.
+
+        Flat and made of arrays, so it goes into a checkpoint as it is. Keyed by position, not by ``id``, so it
+        loads into a new optimizer over a new model's parameters (built the same way).
+        """
+        state = {}
+        for g, group in enumerate(self.param_groups):
+            for setting, value in group.items():
+                if setting != "params":
+                    state[f"group.{g}.{setting}"] = np.asarray(value)
+        for i, p in enumerate(self._parameters()):
+            for name, value in self.state.get(id(p), {}).items():
+                state[f"state.{i}.{name}"] = to_numpy(value).copy()
+        return state
+
+    def load_state_dict(self, state_dict):
+        """Restore what ``state_dict`` returned, onto the devices of this optimizer's parameters."""
+        params = self._parameters()
+        expected = {f"group.{g}.{setting}" for g, group in enumerate(self.param_groups) for setting in group
+                    if setting != "params"}
+        missing = sorted(expected - set(state_dict))
+        if missing:
+            raise KeyError(f"{type(self).__name__}.load_state_dict: missing keys {missing}; is this the state of "
+                           f"a {type(self).__name__}?")
+        for g, group in enumerate(self.param_groups):
+            for setting in group:
+                if setting != "params":
+                    value = np.asarray(state_dict[f"group.{g}.{setting}"]).tolist()   # back to Python numbers
+                    group[setting] = tuple(value) if isinstance(value, list) else value
+        self.state = {}
+        for key, value in state_dict.items():
+            if not key.startswith("state."):
+                continue
+            _, index, name = key.split(".", 2)
+            index = int(index)
+            if index >= len(params):
+                raise KeyError(f"{type(self).__name__}.load_state_dict: state for parameter {index}, but this "
+                               f"optimizer has {len(params)} parameters")
+            p = params[index]
+            value = np.asarray(value)
+            if value.ndim == 0:                      # a counter such as Adam's step
+                value = value.item()
+            else:
+                if value.shape != p.shape:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: {key} has shape {value.shape}, "
+                                     f"parameter {index} has shape {tuple(p.shape)}")
+                value = get_array_module(p.data).asarray(value, dtype=p.dtype).copy()
+            self.state.setdefault(id(p), {})[name] = value
 
     def _gradients(self):
         """(group, parameter, gradient with weight decay) for every parameter that has a gradient."""
@@ -42,9 +103,10 @@ class SGD(Optimizer):
     def step(self):
         for group, p, g in self._gradients():
             if group["momentum"]:
-                velocity = self.state.get(id(p))
+                state = self.state.setdefault(id(p), {})
+                velocity = state.get("momentum_buffer")
                 velocity = g.copy() if velocity is None else group["momentum"] * velocity + g
-                self.state[id(p)] = velocity
+                state["momentum_buffer"] = velocity
                 g = velocity
             p.data -= group["lr"] * g
 
@@ -96,6 +158,17 @@ class LRScheduler:
 
     def step(self):
         self.last_step += 1
+        self._apply()
+
+    def state_dict(self):
+        """The step count and the base rates, as NumPy arrays: with them, ``load_state_dict`` puts a new
+        scheduler (built with the same settings) at the same point of the schedule."""
+        return {"last_step": np.asarray(self.last_step), "base_lrs": np.asarray(self.base_lrs, dtype=np.float64)}
+
+    def load_state_dict(self, state_dict):
+        """Restore ``state_dict()`` and set the optimizer's rates for that step."""
+        self.last_step = int(state_dict["last_step"])
+        self.base_lrs = [float(lr) for lr in state_dict["base_lrs"]]
         self._apply()
 
     def get_last_lr(self):

@@ -1,0 +1,402 @@
+"""The training loop: from a dataset to a trained RetinaNet, with checkpoints that resume exactly.
+
+One step, as in the paper's recipe (Section 5 and the Detectron configuration):
+
+    a batch of images, each flipped left-right half the time (boxes with it), normalised, padded to multiples of 32
+      -> model(images, targets)                 the focal loss and the box regression loss
+      -> loss = classification + box_regression
+      -> backward                                a gradient for every parameter
+      -> (optional) clip the gradients' global norm
+      -> SGD with momentum 0.9 and weight decay 1e-4, the learning rate set by the schedule (warm-up, then steps
+         of x0.1 or a cosine)
+
+Around the steps:
+
+- ``metrics.jsonl`` in the run folder: one JSON line per step (step, epoch, lr, the two losses, the anchor counts,
+  the gradient norm, the seconds the step took), for loss curves.
+- ``last.npz``: a checkpoint at the end of every epoch (and every ``checkpoint_every`` steps, if set), written
+  atomically by ``minidet.save``, holding everything the next step depends on: weights, momentum buffers, the
+  schedule's position, the step counters, the epoch's image order and the random generator's state. So
+  ``train(config, resume=True)`` after a run was killed gives the same weights, bit for bit on the CPU, as a run
+  that was never stopped.
+- A guard: a loss or a gradient that is NaN or infinite stops training with ``TrainingDiverged``, naming the step
+  and the likely causes, and the last good checkpoint is left as it was.
+
+Randomness: the model's initial weights come from ``minidet.manual_seed(config.seed)``; the order of the images
+in each epoch and the flips come from one generator, ``np.random.default_rng(config.seed)``, whose state is saved
+in every checkpoint.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from minidet import backend, optim
+from minidet.checkpoint import load, save
+from minidet.data import Shapes, collate, horizontal_flip, normalize
+from minidet.models.retinanet import RetinaNet
+from minidet.nn.init import manual_seed
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults train the small model on the built-in Shapes data on a CPU.
+
+    Model:
+        num_classes: K; None takes the number of the dataset's ``classes``.
+        backbone, fpn_channels, preset: passed to ``RetinaNet`` (``resnet_small`` with 64 channels: about
+            0.3 M backbone parameters, a step of 16 images of 128 x 128 in about 0.3 s on a CPU).
+    Data (the built-in ``Shapes`` set; unused when ``train`` is given a dataset):
+        num_images, image_size, data_seed: ``Shapes(num_images, image_size, seed=data_seed)``.
+        flip_prob: the probability of flipping each image (and its boxes) left-right at each step.
+    Optimisation:
+        batch_size, epochs: an epoch is one pass over the dataset in a new random order, ceil(len / batch_size)
+            steps (the last batch may be smaller).
+        lr: the learning rate after warm-up. The paper uses 0.01 for 16 images a batch (and scales it linearly
+            with the batch size).
+        momentum, weight_decay: SGD's (0.9 and 1e-4, the paper's). For simplicity the weight decay applies to
+            every parameter, biases and batch norm scales included (Detectron and torchvision do the same by default).
+        warmup_iters, warmup_factor: the rate rises linearly from ``warmup_factor * lr`` to ``lr`` over the first
+            ``warmup_iters`` steps, so the large early gradients of a fresh detector do not blow it up.
+        schedule: ``"step"``: the rate is multiplied by 0.1 at each of ``milestones`` (step numbers; None puts them
+            at 2/3 and 8/9 of training, where the paper's 60k and 80k of 90k are); ``"cosine"``: it falls along
+            half a cosine to 0 at the last step.
+        clip_grad_norm: None, or the largest global norm of the gradients (all parameters as one vector); larger
+            gradients are scaled down to it before the update.
+    Run:
+        seed: the initial weights, the image order and the flips.
+        device: ``"cpu"`` or ``"cuda"``.
+        out: the run folder (``metrics.jsonl``, ``last.npz``).
+        log_every: write a line to ``metrics.jsonl`` every this many steps.
+        checkpoint_every: None, or also write ``last.npz`` every this many steps (besides the end of each epoch).
+        progress: show a progress bar (only when stderr is a terminal).
+    """
+
+    # model
+    num_classes: int | None = None
+    backbone: str = "resnet_small"
+    fpn_channels: int = 64
+    preset: str = "paper"
+    # data
+    num_images: int = 512
+    image_size: int = 128
+    data_seed: int = 0
+    flip_prob: float = 0.5
+    # optimisation
+    batch_size: int = 16
+    epochs: int = 10
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_factor: float = 1 / 3
+    schedule: str = "step"
+    milestones: list[int] | None = None
+    clip_grad_norm: float | None = None
+    # run
+    seed: int = 0
+    device: str = "cpu"
+    out: str = "runs/train"
+    log_every: int = 1
+    checkpoint_every: int | None = None
+    progress: bool = True
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls(**json.loads(text))
+
+
+# Settings that may change when a run is resumed: they do not change what the steps compute.
+RESUMABLE_CHANGES = ("device", "progress", "log_every", "checkpoint_every")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a gradient became NaN or infinite; training stopped and the last good checkpoint was kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``train`` returns: the trained model, the run folder and the rows of its ``metrics.jsonl``."""
+
+    model: RetinaNet
+    out: str
+    metrics: list
+
+
+# --- gradients ------------------------------------------------------------------------------------------------------
+def grad_norm(parameters):
+    """The global L2 norm of the gradients: sqrt(sum over parameters of sum(grad ** 2)), a Python float.
+
+    Parameters without a gradient are skipped. Summed on the gradients' device and read once, so on a GPU it
+    costs one synchronisation, not one per parameter. NaN or inf if any gradient holds one.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    xp = backend.get_array_module(grads[0])
+    # float64 so the sum of squares of many float32 gradients neither overflows nor loses the small ones
+    total = sum((g.astype(xp.float64) ** 2).sum() for g in grads)
+    return math.sqrt(float(total))
+
+
+def clip_grad_norm(parameters, max_norm):
+    """Scale all gradients together so that their global norm is at most ``max_norm`` (as torch's
+    ``clip_grad_norm_``): a gradient with norm n > max_norm is multiplied by max_norm / (n + 1e-6).
+
+    Scaling every gradient by the same factor keeps the direction of the update and only shortens it, which is
+    why it is done on the global norm and not parameter by parameter.
+
+    Returns:
+        the norm before clipping (a float), to log.
+    """
+    parameters = list(parameters)
+    norm = grad_norm(parameters)
+    if norm > max_norm:
+        scale = max_norm / (norm + 1e-6)
+        for p in parameters:
+            if p.grad is not None:
+                p.grad = p.grad * p.grad.dtype.type(scale)
+    return norm
+
+
+# --- building the pieces --------------------------------------------------------------------------------------------
+def build_model(config):
+    """The RetinaNet that ``config`` describes, with fresh weights from ``manual_seed(config.seed)``, on its device."""
+    manual_seed(config.seed)
+    model = RetinaNet(config.num_classes, backbone=config.backbone, preset=config.preset,
+                      fpn_channels=config.fpn_channels)
+    return model.to(config.device)
+
+
+def build_schedule(config, optimizer, total_steps):
+    """The learning-rate schedule of ``config`` (with its warm-up) over ``total_steps`` steps."""
+    warmup = dict(warmup_iters=config.warmup_iters, warmup_factor=config.warmup_factor)
+    if config.schedule == "step":
+        milestones = config.milestones
+        if milestones is None:   # the paper: x0.1 at 60k and 80k of 90k iterations, i.e. at 2/3 and 8/9
+            milestones = [round(total_steps * 2 / 3), round(total_steps * 8 / 9)]
+        return optim.MultiStepLR(optimizer, milestones, gamma=0.1, **warmup)
+    if config.schedule == "cosine":
+        return optim.CosineAnnealingLR(optimizer, T_max=max(1, total_steps), **warmup)
+    raise ValueError(f"TrainConfig.schedule: unknown schedule {config.schedule!r}; use 'step' or 'cosine'")
+
+
+def training_batch(items, rng, flip_prob, device):
+    """Turn a list of ``(image, target)`` pairs into the model's input.
+
+    Each image is flipped left-right with probability ``flip_prob`` (one draw from ``rng`` per image, whatever
+    ``flip_prob`` is, so the random stream does not depend on it), normalised with the ImageNet mean and standard
+    deviation, and the batch is padded to multiples of 32 by ``collate``.
+
+    Returns:
+        images: (N, 3, H, W) float32 on ``device``; targets: N dicts {"boxes": (G_i, 4), "labels": (G_i,)}.
+    """
+    prepared = []
+    for image, target in items:
+        boxes = target["boxes"]
+        if rng.random() < flip_prob:
+            image, boxes = horizontal_flip(image, boxes)
+        prepared.append((normalize(image), {"boxes": boxes, "labels": target["labels"]}))
+    images, targets, _ = collate(prepared)
+    return backend.to_device(images, device), targets
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch_in_epoch, order):
+    """Everything the next step depends on, as the flat dict of arrays ``minidet.save`` writes.
+
+    Keys: ``model.*`` (weights and batch norm statistics), ``optimizer.*`` (momentum buffers and settings),
+    ``scheduler.*`` (its step), ``step`` (optimizer steps done), ``epoch`` and ``batch_in_epoch`` (where the next
+    step is: batch ``batch_in_epoch`` of epoch ``epoch``, counting from 0), ``epoch_order`` (this epoch's image
+    order; empty at the end of an epoch, the next order is drawn when the next epoch starts), ``rng_state`` and
+    ``config`` (JSON text in 0-d string arrays: a checkpoint holds arrays only, and loading never unpickles).
+    """
+    state = {"model." + name: value for name, value in model.state_dict().items()}
+    state.update(("optimizer." + name, value) for name, value in optimizer.state_dict().items())
+    state.update(("scheduler." + name, value) for name, value in schedule.state_dict().items())
+    state.update(step=np.int64(step), epoch=np.int64(epoch), batch_in_epoch=np.int64(batch_in_epoch),
+                 epoch_order=np.asarray(order if order is not None else [], dtype=np.int64),
+                 # the bit generator's state holds 128-bit integers, which JSON writes exactly
+                 rng_state=np.array(json.dumps(rng.bit_generator.state)),
+                 config=np.array(config.to_json()))
+    return state
+
+
+def _part(state, prefix):
+    """The entries of ``state`` whose names start with ``prefix``, with the prefix removed."""
+    return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+
+
+def load_trained_model(path, device="cpu"):
+    """Rebuild the model saved in a checkpoint of ``train``: returns ``(model, config)``, the model in eval mode."""
+    state = load(path)
+    config = dataclasses.replace(TrainConfig.from_json(str(state["config"])), device=device)
+    model = build_model(config)
+    model.load_state_dict(_part(state, "model."))
+    return model.eval(), config
+
+
+def _check_resumable(config, saved):
+    """Raise ValueError if ``config`` differs from the checkpoint's in a setting that changes the steps."""
+    now, then = json.loads(config.to_json()), json.loads(saved.to_json())
+    changed = [f"{name} ({then[name]!r} in the checkpoint, {now[name]!r} now)" for name in now
+               if name not in RESUMABLE_CHANGES and now[name] != then[name]]
+    if changed:
+        raise ValueError("train: cannot resume exactly with different settings: " + "; ".join(changed)
+                         + ". Resume with the checkpoint's settings, or start a new run in another folder")
+
+
+def _divergence_message(what, value, step, epoch, lr, checkpoint):
+    """The message of ``TrainingDiverged``; ``step`` counts from 1, as in ``metrics.jsonl``."""
+    kept = (f"The last good checkpoint, {checkpoint}, was kept" if os.path.exists(checkpoint)
+            else "No checkpoint had been written yet")
+    return (f"training diverged at step {step} (epoch {epoch}): the {what} is {value}. Likely causes: a learning "
+            f"rate too high for the batch size (lr was {lr:g}: lower it, lengthen the warm-up or set "
+            "clip_grad_norm); bad boxes in the data (zero or negative size, outside the image, wrong labels); "
+            f"float16 overflow. {kept}.")
+
+
+def _read_metrics(path, up_to_step=None):
+    """The rows of ``metrics.jsonl`` (those with step <= ``up_to_step`` if given)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [row for row in rows if up_to_step is None or row["step"] <= up_to_step]
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+def train(config=None, dataset=None, resume=False):
+    """Train a RetinaNet as ``config`` says, on ``dataset`` (default: the built-in ``Shapes`` of the config).
+
+    Args:
+        config: a ``TrainConfig`` (default ``TrainConfig()``).
+        dataset: a sequence of ``(image (3, H, W) float32 in [0, 1], {"boxes": (G, 4), "labels": (G,)})`` with
+            the class names in ``dataset.classes``; images of different sizes are padded together.
+        resume: continue the run in ``config.out`` from its ``last.npz``, exactly where it stopped: the result is
+            the same as if it had never stopped. The settings must be the checkpoint's, but for
+            ``RESUMABLE_CHANGES`` (device, progress bar, logging, checkpoint frequency).
+
+    Returns:
+        ``TrainResult(model, out, metrics)``: the model (in training mode, on ``config.device``), the run folder
+        and the rows of its ``metrics.jsonl``.
+
+    Raises:
+        TrainingDiverged: the loss or a gradient became NaN or infinite (``last.npz`` is left as it was).
+    """
+    config = config or TrainConfig()
+    backend.check_device_name(config.device)
+    if dataset is None:
+        dataset = Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
+    if config.num_classes is None:
+        config = dataclasses.replace(config, num_classes=len(dataset.classes))
+    if len(dataset) == 0:
+        raise ValueError("train: the dataset is empty")
+    os.makedirs(config.out, exist_ok=True)
+    checkpoint_path = os.path.join(config.out, "last.npz")
+    metrics_path = os.path.join(config.out, "metrics.jsonl")
+
+    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    model = build_model(config)
+    optimizer = optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    schedule = build_schedule(config, optimizer, total_steps)
+    rng = np.random.default_rng(config.seed)
+    step, start_epoch, start_batch, order = 0, 0, 0, None
+
+    if resume:
+        state = load(checkpoint_path)
+        _check_resumable(config, TrainConfig.from_json(str(state["config"])))
+        model.load_state_dict(_part(state, "model."))
+        optimizer.load_state_dict(_part(state, "optimizer."))
+        schedule.load_state_dict(_part(state, "scheduler."))
+        rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        step, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        order = state["epoch_order"] if start_batch else None
+        # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
+        rows = _read_metrics(metrics_path, up_to_step=step)
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)   # a fresh run starts a fresh log
+
+    def save_checkpoint(epoch, batch_in_epoch):
+        # Parameters can overflow in an update even when the gradients were finite: never save those.
+        for name, p in model.named_parameters():
+            largest = float(abs(p.data).max())        # NaN if any weight is NaN, inf if any is infinite
+            if not math.isfinite(largest):
+                raise TrainingDiverged(_divergence_message(f"largest weight of {name} after the update", largest,
+                                                           step, epoch, optimizer.param_groups[0]["lr"],
+                                                           checkpoint_path))
+        save(checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch_in_epoch, order),
+             checkpoint_path)
+
+    model.train()
+    parameters = model.parameters()
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (config.progress and sys.stderr.isatty()))
+    try:
+        with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+            for epoch in range(start_epoch, config.epochs):
+                if order is None:
+                    order = rng.permutation(len(dataset))
+                for batch_index in range(start_batch, steps_per_epoch):
+                    started = time.perf_counter()
+                    lr = optimizer.param_groups[0]["lr"]
+                    indices = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
+                    images, targets = training_batch([dataset[int(i)] for i in indices], rng, config.flip_prob,
+                                                     config.device)
+
+                    losses = model(images, targets)
+                    loss = losses["classification"] + losses["box_regression"]
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise TrainingDiverged(_divergence_message("loss", loss_value, step + 1, epoch, lr,
+                                                                   checkpoint_path))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    if config.clip_grad_norm is not None:
+                        norm = clip_grad_norm(parameters, config.clip_grad_norm)
+                    else:
+                        norm = grad_norm(parameters)
+                    if not math.isfinite(norm):
+                        raise TrainingDiverged(_divergence_message("gradient norm", norm, step + 1, epoch, lr,
+                                                                   checkpoint_path))
+                    optimizer.step()
+                    schedule.step()
+                    step += 1
+
+                    row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_value,
+                           "classification": losses["classification"].item(),
+                           "box_regression": losses["box_regression"].item(),
+                           "num_positive": losses["num_positive"], "num_ignored": losses["num_ignored"],
+                           "num_negative": losses["num_negative"], "grad_norm": norm,
+                           "seconds": time.perf_counter() - started}
+                    if step % config.log_every == 0:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    bar.set_postfix(cls=f"{row['classification']:.3f}", box=f"{row['box_regression']:.3f}",
+                                    pos=row["num_positive"], ign=row["num_ignored"], neg=row["num_negative"])
+                    bar.update()
+                    if (config.checkpoint_every and step % config.checkpoint_every == 0
+                            and batch_index + 1 < steps_per_epoch):
+                        save_checkpoint(epoch, batch_index + 1)
+                order, start_batch = None, 0
+                save_checkpoint(epoch + 1, 0)
+    finally:
+        bar.close()
+    return TrainResult(model, config.out, _read_metrics(metrics_path))
+
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "build_model", "build_schedule",
+           "training_batch", "grad_norm", "clip_grad_norm", "checkpoint_state", "load_trained_model"]

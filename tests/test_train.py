@@ -1,0 +1,308 @@
+"""The training loop (minidet/train.py): metrics, checkpoints, exact resume, the divergence guard, gradient
+clipping, and the optimizer and scheduler state that resuming needs."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minidet import backend, load, nn, optim
+from minidet.data import Shapes
+from minidet.train import (
+    TrainConfig,
+    TrainingDiverged,
+    build_model,
+    clip_grad_norm,
+    grad_norm,
+    load_trained_model,
+    train,
+    training_batch,
+)
+
+METRIC_KEYS = {"step", "epoch", "lr", "loss", "classification", "box_regression", "num_positive", "num_ignored",
+               "num_negative", "grad_norm", "seconds"}
+
+
+def tiny_config(out, **changes):
+    """A run of a few tenths of a second: the small backbone, 16-channel pyramid, six 64 x 64 images, 2 a batch,
+    3 epochs of 3 steps."""
+    settings = dict(fpn_channels=16, num_images=6, image_size=64, batch_size=2, epochs=3, warmup_iters=2,
+                    progress=False, out=str(out))
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def weights(model):
+    return model.state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [name for name in a if not np.array_equal(a[name], b[name])]
+    assert not different, f"weights differ in {len(different)} arrays, e.g. {different[:3]}"
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+class StopAfter:
+    """A dataset that raises ``KeyboardInterrupt`` at its ``reads``-th item read, as if the run were killed then
+    (``poison=True`` instead returns a NaN image from then on)."""
+
+    def __init__(self, dataset, reads, poison=False):
+        self.dataset, self.reads, self.poison, self.count = dataset, reads, poison, 0
+        self.classes = dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.count += 1
+        image, target = self.dataset[index]
+        if self.count >= self.reads:
+            if not self.poison:
+                raise KeyboardInterrupt("killed")
+            image = np.full_like(image, np.nan)
+        return image, target
+
+
+def tiny_shapes(config):
+    return Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
+
+
+# --- a run ----------------------------------------------------------------------------------------------------------
+def test_short_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
+    config = tiny_config(tmp_path)
+    result = train(config)
+    assert result.out == str(tmp_path)
+
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows == result.metrics
+    assert [row["step"] for row in rows] == list(range(1, 10)), "one line per step, 3 epochs of 3 steps"
+    assert [row["epoch"] for row in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for row in rows:
+        assert set(row) == METRIC_KEYS
+        assert np.isfinite(row["loss"]) and row["loss"] == pytest.approx(row["classification"] + row["box_regression"])
+        assert row["num_positive"] > 0 and row["num_negative"] > 0
+    # warm-up from lr / 3 over 2 steps, then x0.1 at 2/3 and 8/9 of the 9 steps (steps 6 and 8, counting from 0)
+    assert [row["lr"] for row in rows] == pytest.approx([0.01 / 3, 0.01 * 2 / 3, 0.01, 0.01, 0.01, 0.01, 0.001,
+                                                         0.001, 0.0001])
+
+    state = load(tmp_path / "last.npz")
+    assert int(state["step"]) == 9 and int(state["epoch"]) == 3 and int(state["batch_in_epoch"]) == 0
+    assert state["config"].dtype.kind == "U" and state["config"].shape == ()
+    assert TrainConfig.from_json(str(state["config"])) == TrainConfig(**{**vars(config), "num_classes": 4})
+    assert any(name.startswith("optimizer.state.") for name in state)
+    assert int(state["scheduler.last_step"]) == 9
+    model, saved_config = load_trained_model(tmp_path / "last.npz")
+    assert saved_config.num_classes == 4 and not model.training
+    assert_same_weights(weights(model), weights(result.model))
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tmp_path):
+    first = train(tiny_config(tmp_path / "a", epochs=1))
+    second = train(tiny_config(tmp_path / "b", epochs=1))
+    assert_same_weights(weights(first.model), weights(second.model))
+    assert without_time(first.metrics) == without_time(second.metrics)
+    other = train(tiny_config(tmp_path / "c", epochs=1, seed=1))
+    assert not np.array_equal(weights(other.model)["fpn.lateral3.weight"], weights(first.model)["fpn.lateral3.weight"])
+
+
+def test_loss_falls_when_fitting_a_few_images(tmp_path):
+    # Four images, no flips, a high rate kept constant after warm-up: in 40 steps the model must start to fit them
+    # (at lr 0.01 the focal loss hardly moves in so few steps).
+    result = train(tiny_config(tmp_path, num_images=4, batch_size=4, epochs=40, lr=0.2, flip_prob=0.0,
+                               milestones=[1000]))
+    losses = [row["loss"] for row in result.metrics]
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.6 * first, f"loss went from {first:.3f} to {last:.3f} in {len(losses)} steps"
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 1], ids=["end-of-epoch checkpoints", "checkpoint every step"])
+def test_resume_after_a_kill_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, checkpoint_every):
+    config = tiny_config(tmp_path / "whole", checkpoint_every=checkpoint_every)
+    whole = train(config)
+
+    # Killed while reading the 9th image: in step 5 (epoch 1, batch 1), after step 4 was logged. The last
+    # checkpoint is the end of epoch 0 (step 3), or, checkpointing every step, step 4 in the middle of epoch 1.
+    config = tiny_config(tmp_path / "killed", checkpoint_every=checkpoint_every)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, dataset=StopAfter(tiny_shapes(config), reads=9))
+    state = load(tmp_path / "killed" / "last.npz")
+    assert int(state["step"]) == (3 if checkpoint_every is None else 4)
+
+    resumed = train(config, resume=True)
+    assert_same_weights(weights(resumed.model), weights(whole.model))
+    assert without_time(resumed.metrics) == without_time(whole.metrics), "each step logged once, as in one run"
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train(tiny_config(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match=r"lr \(0.01 in the checkpoint, 0.02 now\)"):
+        train(tiny_config(tmp_path, epochs=1, lr=0.02), resume=True)
+    train(tiny_config(tmp_path, epochs=1, progress=True, log_every=5), resume=True)   # these may change
+
+
+# --- the divergence guard -------------------------------------------------------------------------------------------
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(tmp_path / "poisoned", epochs=2, milestones=[100])
+    # From the 7th image read on, the images are NaN: the first step of epoch 1 (step 4) has a NaN loss.
+    with pytest.raises(TrainingDiverged) as caught:
+        train(config, dataset=StopAfter(tiny_shapes(config), reads=7, poison=True))
+    message = str(caught.value)
+    assert "step 4 (epoch 1)" in message and "loss is nan" in message
+    assert "learning rate" in message and "bad boxes" in message and "float16" in message
+    assert "last.npz, was kept" in message
+
+    # last.npz is still the end of epoch 0: the same weights as a clean one-epoch run
+    state = load(tmp_path / "poisoned" / "last.npz")
+    assert int(state["step"]) == 3
+    one_epoch = train(tiny_config(tmp_path / "clean", epochs=1, milestones=[100]))
+    model, _ = load_trained_model(tmp_path / "poisoned" / "last.npz")
+    assert_same_weights(weights(model), weights(one_epoch.model))
+
+
+def test_a_huge_learning_rate_is_caught_before_any_bad_checkpoint(tmp_path):
+    # lr 1e6: step 1 is fine, its update wrecks the batch norm statistics, and the loss of step 3 is NaN.
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match=r"lr was 1e\+06") as caught:
+        train(tiny_config(tmp_path / "huge", lr=1e6, warmup_iters=0))
+    assert "training diverged at step 3 (epoch 0)" in str(caught.value)
+    assert "No checkpoint had been written yet" in str(caught.value)
+    assert not (tmp_path / "huge" / "last.npz").exists()
+
+    # lr 1e40 overflows the weights in the update itself, with a finite loss and gradients: the check before
+    # writing the checkpoint at the end of the epoch (one step here) stops it.
+    overflowed = r"the largest weight of \S+ after the update is (inf|nan)"
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match=overflowed):
+        train(tiny_config(tmp_path / "overflow", num_images=2, lr=1e40, warmup_iters=0))
+    assert not (tmp_path / "overflow" / "last.npz").exists()
+
+
+# --- pieces ---------------------------------------------------------------------------------------------------------
+def test_clip_grad_norm_scales_all_gradients_together():
+    a, b = nn.Parameter(np.zeros(2, np.float32)), nn.Parameter(np.zeros((1, 1), np.float32))
+    unused = nn.Parameter(np.zeros(3, np.float32))
+    a.grad, b.grad = np.array([3.0, 0.0], np.float32), np.array([[4.0]], np.float32)
+    assert grad_norm([a, b, unused]) == pytest.approx(5.0)
+
+    assert clip_grad_norm([a, b, unused], max_norm=10.0) == pytest.approx(5.0)
+    np.testing.assert_array_equal(a.grad, [3.0, 0.0])           # under the limit: untouched
+
+    assert clip_grad_norm([a, b, unused], max_norm=1.0) == pytest.approx(5.0)   # returns the norm before clipping
+    assert grad_norm([a, b]) == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(a.grad, [0.6, 0.0], rtol=1e-5)   # same direction, shorter
+    np.testing.assert_allclose(b.grad, [[0.8]], rtol=1e-5)
+    assert unused.grad is None
+
+    a.grad = np.array([np.inf, 0.0], np.float32)
+    assert not np.isfinite(grad_norm([a, b]))
+
+
+def test_gradient_clipping_is_applied_in_training(tmp_path):
+    # With the gradients clipped to a norm of 1e-9 and no weight decay, one epoch barely moves the weights ...
+    clipped = train(tiny_config(tmp_path / "clipped", epochs=1, clip_grad_norm=1e-9, weight_decay=0.0))
+    fresh = build_model(TrainConfig(**{**vars(tiny_config(tmp_path)), "num_classes": 4}))   # the initial weights
+    for name, p in clipped.model.named_parameters():
+        np.testing.assert_allclose(p.numpy(), weights(fresh)[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    # ... which without clipping they do.
+    free = train(tiny_config(tmp_path / "free", epochs=1, weight_decay=0.0))
+    moved = max(np.abs(p.numpy() - weights(fresh)[name]).max() for name, p in free.model.named_parameters())
+    assert moved > 1e-4
+
+
+def test_training_batch_flips_normalises_and_pads():
+    dataset = Shapes(2, image_size=40, seed=3)
+    items = [dataset[0], dataset[1]]
+    rng = np.random.default_rng(0)
+    images, targets = training_batch(items, rng, flip_prob=1.0, device="cpu")
+    assert images.shape == (2, 3, 64, 64) and images.dtype == np.float32       # padded to multiples of 32
+    image, target = items[0]
+    np.testing.assert_array_equal(targets[0]["boxes"][:, [0, 2]], 40 - target["boxes"][:, [2, 0]])
+    np.testing.assert_array_equal(targets[0]["labels"], target["labels"])
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    np.testing.assert_allclose(images[0, :, :40, :40], (image[:, :, ::-1] - mean) / std, rtol=1e-5, atol=1e-6)
+    assert (images[0, :, 40:, :] == 0).all()
+
+    images, targets = training_batch(items, rng, flip_prob=0.0, device="cpu")
+    np.testing.assert_array_equal(targets[0]["boxes"], target["boxes"])
+
+
+def test_unknown_schedule_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        train(tiny_config(tmp_path, schedule="linear"))
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_matches_the_cpu_and_resumes(tmp_path):
+    if not backend.cuda_available():
+        pytest.skip("CuPy with a CUDA GPU is not available")
+    on_cpu = train(tiny_config(tmp_path / "cpu"))
+    config = tiny_config(tmp_path / "gpu", device="cuda")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, dataset=StopAfter(tiny_shapes(config), reads=9))
+    on_gpu = train(config, resume=True)
+    assert on_gpu.model.parameters()[0].device == "cuda"
+    expected = weights(on_cpu.model)
+    for name, p in on_gpu.model.named_parameters():
+        np.testing.assert_allclose(p.numpy(), expected[name], rtol=1e-3, atol=1e-4, err_msg=name)
+
+
+# --- the optimizer's and the scheduler's state ----------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+                                  lambda ps: optim.Adam(ps, lr=0.01, betas=(0.8, 0.9))], ids=["SGD", "Adam"])
+def test_optimizer_state_dict_round_trip_continues_exactly(make):
+    rng = np.random.default_rng(0)
+    grads = [[rng.standard_normal(s).astype(np.float32) for s in [(2, 3), (3,)]] for _ in range(4)]
+
+    def stepped(optimizer, params, steps):
+        for step_grads in steps:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            optimizer.step()
+
+    params = [nn.Parameter(np.ones((2, 3), np.float32)), nn.Parameter(np.zeros(3, np.float32))]
+    optimizer = make(params)
+    stepped(optimizer, params, grads[:2])
+    state = optimizer.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in state.values()), "a checkpoint holds arrays only"
+
+    copies = [nn.Parameter(p.data.copy()) for p in params]
+    restored = make(copies)
+    restored.param_groups[0]["lr"] = 123.0          # overwritten by the loaded settings
+    restored.load_state_dict(state)
+    assert restored.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    stepped(optimizer, params, grads[2:])
+    stepped(restored, copies, grads[2:])
+    for p, q in zip(params, copies):
+        np.testing.assert_array_equal(p.data, q.data)
+
+
+def test_optimizer_load_state_dict_errors():
+    p = nn.Parameter(np.ones(3, np.float32))
+    optimizer = optim.SGD([p], lr=0.1, momentum=0.9)
+    with pytest.raises(KeyError, match="missing keys"):
+        optimizer.load_state_dict({})
+    state = dict(optimizer.state_dict(), **{"state.0.momentum_buffer": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match=r"state.0.momentum_buffer has shape \(4,\)"):
+        optimizer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("make", [
+    lambda o: optim.MultiStepLR(o, milestones=[6, 8], warmup_iters=4, warmup_factor=0.25),
+    lambda o: optim.CosineAnnealingLR(o, T_max=10, warmup_iters=3),
+], ids=["MultiStepLR", "CosineAnnealingLR"])
+def test_scheduler_state_dict_round_trip_continues_exactly(make):
+    optimizer = optim.SGD([nn.Parameter(np.ones(1))], lr=0.1)
+    schedule = make(optimizer)
+    for _ in range(5):
+        schedule.step()
+    other = optim.SGD([nn.Parameter(np.ones(1))], lr=0.1)
+    restored = make(other)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.get_last_lr() == schedule.get_last_lr()
+    for _ in range(6):
+        schedule.step()
+        restored.step()
+        assert restored.get_last_lr() == schedule.get_last_lr()
