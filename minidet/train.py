@@ -59,7 +59,9 @@ class TrainConfig:
         batch_size, epochs: an epoch is one pass over the dataset in a new random order, ceil(len / batch_size)
             steps (the last batch may be smaller).
         lr: the learning rate after warm-up. The paper uses 0.01 for 16 images a batch (and scales it linearly
-            with the batch size).
+            with the batch size), for a backbone pretrained on ImageNet. The small model learning from scratch
+            on Shapes does better with twice that: measured over 60 s on a CPU, the loss fell from 1.68 to 1.08
+            at 0.02 against 1.40 at 0.01, and at 0.05 training diverged after about 170 steps.
         momentum, weight_decay: SGD's (0.9 and 1e-4, the paper's). For simplicity the weight decay applies to
             every parameter, biases and batch norm scales included (Detectron and torchvision do the same by default).
         warmup_iters, warmup_factor: the rate rises linearly from ``warmup_factor * lr`` to ``lr`` over the first
@@ -91,7 +93,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 16
     epochs: int = 10
-    lr: float = 0.01
+    lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 100
@@ -256,7 +258,7 @@ def _check_resumable(config, saved):
 
 
 def _divergence_message(what, value, step, epoch, lr, checkpoint):
-    """The message of ``TrainingDiverged``; ``step`` counts from 1, as in ``metrics.jsonl``."""
+    """The message of ``TrainingDiverged``; ``step`` and ``epoch`` as in ``metrics.jsonl`` (from 1 and from 0)."""
     kept = (f"The last good checkpoint, {checkpoint}, was kept" if os.path.exists(checkpoint)
             else "No checkpoint had been written yet")
     return (f"training diverged at step {step} (epoch {epoch}): the {what} is {value}. Likely causes: a learning "
@@ -298,6 +300,8 @@ def train(config=None, dataset=None, resume=False):
     if dataset is None:
         dataset = Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
     if config.num_classes is None:
+        if not hasattr(dataset, "classes"):
+            raise ValueError("train: the dataset has no 'classes' (its class names); set TrainConfig.num_classes")
         config = dataclasses.replace(config, num_classes=len(dataset.classes))
     if len(dataset) == 0:
         raise ValueError("train: the dataset is empty")
@@ -315,6 +319,9 @@ def train(config=None, dataset=None, resume=False):
     step, start_epoch, start_batch, order = 0, 0, 0, None
 
     if resume:
+        if not os.path.exists(checkpoint_path):
+            raise FileNotFoundError(f"train: cannot resume: {checkpoint_path} does not exist (no epoch of a run in "
+                                    f"{config.out} has finished); start without resume")
         state = load(checkpoint_path)
         _check_resumable(config, TrainConfig.from_json(str(state["config"])))
         model.load_state_dict(_part(state, "model."))
@@ -330,15 +337,17 @@ def train(config=None, dataset=None, resume=False):
     elif os.path.exists(metrics_path):
         os.remove(metrics_path)   # a fresh run starts a fresh log
 
-    def save_checkpoint(epoch, batch_in_epoch):
-        # Parameters can overflow in an update even when the gradients were finite: never save those.
+    def save_checkpoint(next_epoch, next_batch):
+        """Write last.npz; the next step is batch ``next_batch`` of epoch ``next_epoch``."""
+        # Weights can overflow in an update even when the gradients were finite: never save those.
         for name, p in model.named_parameters():
             largest = float(abs(p.data).max())        # NaN if any weight is NaN, inf if any is infinite
             if not math.isfinite(largest):
+                epoch_of_step = next_epoch if next_batch else next_epoch - 1
                 raise TrainingDiverged(_divergence_message(f"largest weight of {name} after the update", largest,
-                                                           step, epoch, optimizer.param_groups[0]["lr"],
+                                                           step, epoch_of_step, optimizer.param_groups[0]["lr"],
                                                            checkpoint_path))
-        save(checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch_in_epoch, order),
+        save(checkpoint_state(config, model, optimizer, schedule, rng, step, next_epoch, next_batch, order),
              checkpoint_path)
 
     model.train()
@@ -350,6 +359,7 @@ def train(config=None, dataset=None, resume=False):
             for epoch in range(start_epoch, config.epochs):
                 if order is None:
                     order = rng.permutation(len(dataset))
+                bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                 for batch_index in range(start_batch, steps_per_epoch):
                     started = time.perf_counter()
                     lr = optimizer.param_groups[0]["lr"]
@@ -385,8 +395,9 @@ def train(config=None, dataset=None, resume=False):
                     if step % config.log_every == 0:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
-                    bar.set_postfix(cls=f"{row['classification']:.3f}", box=f"{row['box_regression']:.3f}",
-                                    pos=row["num_positive"], ign=row["num_ignored"], neg=row["num_negative"])
+                    bar.set_postfix({"cls": f"{row['classification']:.3f}", "box": f"{row['box_regression']:.3f}",
+                                     "pos": row["num_positive"], "ign": row["num_ignored"],
+                                     "neg": row["num_negative"]})      # a dict keeps this order
                     bar.update()
                     if (config.checkpoint_every and step % config.checkpoint_every == 0
                             and batch_index + 1 < steps_per_epoch):

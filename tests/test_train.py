@@ -26,7 +26,7 @@ METRIC_KEYS = {"step", "epoch", "lr", "loss", "classification", "box_regression"
 def tiny_config(out, **changes):
     """A run of a few tenths of a second: the small backbone, 16-channel pyramid, six 64 x 64 images, 2 a batch,
     3 epochs of 3 steps."""
-    settings = dict(fpn_channels=16, num_images=6, image_size=64, batch_size=2, epochs=3, warmup_iters=2,
+    settings = dict(fpn_channels=16, num_images=6, image_size=64, batch_size=2, epochs=3, lr=0.01, warmup_iters=2,
                     progress=False, out=str(out))
     settings.update(changes)
     return TrainConfig(**settings)
@@ -138,7 +138,9 @@ def test_resume_after_a_kill_gives_the_same_weights_as_an_uninterrupted_run(tmp_
     assert without_time(resumed.metrics) == without_time(whole.metrics), "each step logged once, as in one run"
 
 
-def test_resume_refuses_changed_settings(tmp_path):
+def test_resume_refuses_changed_settings_and_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot resume: .*last.npz does not exist"):
+        train(tiny_config(tmp_path, epochs=1), resume=True)
     train(tiny_config(tmp_path, epochs=1))
     with pytest.raises(ValueError, match=r"lr \(0.01 in the checkpoint, 0.02 now\)"):
         train(tiny_config(tmp_path, epochs=1, lr=0.02), resume=True)
@@ -174,7 +176,7 @@ def test_a_huge_learning_rate_is_caught_before_any_bad_checkpoint(tmp_path):
 
     # lr 1e40 overflows the weights in the update itself, with a finite loss and gradients: the check before
     # writing the checkpoint at the end of the epoch (one step here) stops it.
-    overflowed = r"the largest weight of \S+ after the update is (inf|nan)"
+    overflowed = r"diverged at step 1 \(epoch 0\): the largest weight of \S+ after the update is (inf|nan)"
     with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match=overflowed):
         train(tiny_config(tmp_path / "overflow", num_images=2, lr=1e40, warmup_iters=0))
     assert not (tmp_path / "overflow" / "last.npz").exists()
@@ -203,12 +205,12 @@ def test_clip_grad_norm_scales_all_gradients_together():
 def test_gradient_clipping_is_applied_in_training(tmp_path):
     # With the gradients clipped to a norm of 1e-9 and no weight decay, one epoch barely moves the weights ...
     clipped = train(tiny_config(tmp_path / "clipped", epochs=1, clip_grad_norm=1e-9, weight_decay=0.0))
-    fresh = build_model(TrainConfig(**{**vars(tiny_config(tmp_path)), "num_classes": 4}))   # the initial weights
+    initial = weights(build_model(tiny_config(tmp_path, num_classes=4)))      # the weights training starts from
     for name, p in clipped.model.named_parameters():
-        np.testing.assert_allclose(p.numpy(), weights(fresh)[name], rtol=1e-6, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(p.numpy(), initial[name], rtol=1e-6, atol=1e-7, err_msg=name)
     # ... which without clipping they do.
     free = train(tiny_config(tmp_path / "free", epochs=1, weight_decay=0.0))
-    moved = max(np.abs(p.numpy() - weights(fresh)[name]).max() for name, p in free.model.named_parameters())
+    moved = max(np.abs(p.numpy() - initial[name]).max() for name, p in free.model.named_parameters())
     assert moved > 1e-4
 
 
