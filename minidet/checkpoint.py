@@ -27,14 +27,26 @@ def save(state, path):
             raise TypeError(f"save: {name!r} is a {type(state[name]).__name__}, not an array or number; "
                             "checkpoints hold arrays only")
         arrays[name] = value
+    write_atomically(path, lambda f: np.savez(f, **arrays))
+
+
+def write_atomically(path, write):
+    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    A crash halfway leaves ``path`` as it was, never half-written. The file gets the usual permissions (those
+    of ``open``, after the umask), not the owner-only ones of a temporary file.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -78,3 +78,12 @@ def test_pickled_arrays_are_refused(tmp_path):
     np.savez(path, obj=np.array([{"a": 1}], dtype=object))
     with pytest.raises(ValueError, match="holds pickled objects"):
         md.load(path)
+
+
+def test_checkpoint_has_the_usual_permissions_not_a_temp_files(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        md.save({"a": np.ones(1)}, tmp_path / "c.npz")
+    finally:
+        os.umask(umask)
+    assert os.stat(tmp_path / "c.npz").st_mode & 0o777 == 0o644

@@ -9,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from minidet.checkpoint import write_atomically
 from minidet.data import CocoDataset, Shapes, csv_to_coco, export_coco, read_image, voc_to_coco, write_json
-from minidet.data.coco import write_atomically
 
 
 def write_png(path, height=20, width=30, channels=3, value=100):

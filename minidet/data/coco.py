@@ -21,13 +21,13 @@ Crowd annotations (``iscrowd: 1``, a region of many objects) are skipped as COCO
 import json
 import math
 import os
-import tempfile
 import warnings
 
 import matplotlib.image
 import numpy as np
 import PIL.Image
 
+from minidet.checkpoint import write_atomically
 from minidet.data.shapes import to_float_image
 
 # How far (in pixels) a box may stick out of its image before it counts as bad. Within it, the box is clipped:
@@ -35,26 +35,6 @@ from minidet.data.shapes import to_float_image
 OUT_OF_IMAGE_TOLERANCE = 1.0
 
 ON_ERROR = ("fail", "skip")
-
-
-def write_atomically(path, write):
-    """Call ``write(file_object)`` on a temporary file beside ``path``, then rename it to ``path``.
-
-    A crash halfway leaves ``path`` as it was, never half-written.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_json(data, path):
