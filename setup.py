@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["minidet", "minidet.*"]) + ["minidet.kernels"],
     package_dir={"minidet.kernels": "kernels"},
     package_data={"minidet.kernels": ["*.cu", "*.cuh"]},
-    install_requires=["numpy>=2.0", "matplotlib>=3.8", "tqdm>=4.60"],
+    install_requires=["numpy>=2.0", "matplotlib>=3.8", "tqdm>=4.60", "pycocotools>=2.0.8"],
     extras_require={
         "cuda12": ["cupy-cuda12x[ctk]>=13"],
         "gpu": ["cupy-cuda12x[ctk]>=13"],
