@@ -8,6 +8,7 @@ import pytest
 
 from minidet import backend, load, nn, optim
 from minidet.data import Shapes
+from minidet.data.shapes import CLASSES as SHAPE_CLASSES
 from minidet.train import (
     TrainConfig,
     TrainingDiverged,
@@ -93,7 +94,8 @@ def test_short_run_writes_metrics_and_a_checkpoint_that_loads(tmp_path):
     state = load(tmp_path / "last.npz")
     assert int(state["step"]) == 9 and int(state["epoch"]) == 3 and int(state["batch_in_epoch"]) == 0
     assert state["config"].dtype.kind == "U" and state["config"].shape == ()
-    assert TrainConfig.from_json(str(state["config"])) == TrainConfig(**{**vars(config), "num_classes": 4})
+    assert TrainConfig.from_json(str(state["config"])) == TrainConfig(**{**vars(config), "num_classes": 4,
+                                                                         "classes": list(SHAPE_CLASSES)})
     assert any(name.startswith("optimizer.state.") for name in state)
     assert int(state["scheduler.last_step"]) == 9
     model, saved_config = load_trained_model(tmp_path / "last.npz")
