@@ -1,16 +1,24 @@
-"""The ``minidet`` command.
+"""The ``minidet`` command: train, evaluate and run a RetinaNet, from the shell.
 
-``minidet demo`` trains a tiny convolutional network with minidet's own
-autograd, prints its loss falling and draws the curve. When the detector
-lands, ``demo`` will train and evaluate a RetinaNet instead.
+    minidet demo                              shapes -> train -> evaluate -> pictures and a report (a few minutes)
+    minidet make-shapes OUT                   write the built-in synthetic data as a COCO-format folder
+    minidet train [--data FOLDER]             train on a COCO-format folder, or on the built-in shapes
+    minidet evaluate CHECKPOINT [--data ...]  COCO mAP, per-class AP, precision-recall curves, detection pictures
+    minidet detect CHECKPOINT IMAGE...        PNGs with boxes, labels and scores, and a JSON of the detections
+    minidet inspect-anchors [--data FOLDER]   do the anchors fit the boxes? sizes, unmatchable share, pictures
+    minidet convert WEIGHTS.pth OUT.npz       torchvision's RetinaNet weights as a minidet checkpoint
 
-``minidet convert WEIGHTS.pth OUT.npz`` turns torchvision's
-``retinanet_resnet50_fpn`` (v1) weights into a minidet checkpoint (see
-``minidet.models.torchvision_weights``). It is the only place where minidet
-imports torch, to read the ``.pth`` file.
+Each command is a thin layer over the library (``minidet.train``, ``minidet.evaluate``, ``minidet.plots``,
+``minidet.anchor_report``, ``minidet.data``): what it does can be done from Python in as many lines. Errors the
+user can fix (a missing file, a bad flag value, bad annotations) are printed as one line naming the fix, with exit
+status 1; argparse handles unknown flags (exit status 2).
+
+``convert`` is the only place where minidet imports torch, to read the ``.pth`` file.
 """
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -18,76 +26,179 @@ import time
 import numpy as np
 
 import minidet as md
-import minidet.functional as F
-from minidet import nn, optim
+from minidet import anchor_report, plots
+from minidet.checkpoint import write_atomically
+from minidet.data import CocoDataset, Shapes, export_coco
+from minidet.data.coco import read_image
+from minidet.evaluate import coco_evaluate, predict_dataset, predict_images
 from minidet.models.torchvision_weights import EPS_KEY, convert_torchvision_state_dict, torchvision_num_classes
+from minidet.train import TrainConfig, load_trained_model, train
+
+# Held-out shapes are drawn with this offset added to the training data's seed, so they are other images.
+HELD_OUT_SEED_OFFSET = 1_000_003
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def bars(count, size, rng):
-    """Images (count, 1, size, size) holding one horizontal (label 0) or vertical (label 1) bar, plus noise."""
-    images = rng.normal(0, 0.3, (count, 1, size, size)).astype(np.float32)
-    labels = rng.integers(0, 2, count)
-    for image, label, where in zip(images, labels, rng.integers(2, size - 2, count)):
-        if label:
-            image[0, :, where] += 1.0
+# --- data -----------------------------------------------------------------------------------------------------------
+def held_out_shapes(config, num_images):
+    """Shapes images the run described by ``config`` never trained on, drawn like its training images."""
+    return Shapes(num_images, image_size=config.image_size, seed=config.data_seed + HELD_OUT_SEED_OFFSET)
+
+
+def dataset_from_args(args, config=None, held_out=False):
+    """The COCO-format folder of ``--data``, or else the built-in shapes (``held_out``: images not trained on)."""
+    if args.data:
+        dataset = CocoDataset(args.data, on_error=args.on_error)
+        print(f"data: {len(dataset)} images, {len(dataset.classes)} classes from {args.data}")
+        return dataset
+    if held_out:
+        dataset = held_out_shapes(config, args.num_images)
+        print(f"data: {len(dataset)} held-out shapes images of {config.image_size} px (seed "
+              f"{config.data_seed + HELD_OUT_SEED_OFFSET})")
+    else:
+        image_size = args.image_size or _default("image_size")
+        dataset = Shapes(args.num_images, image_size=image_size, seed=args.seed)
+        print(f"data: {len(dataset)} shapes images of {image_size} px (seed {args.seed})")
+    return dataset
+
+
+def image_paths(inputs):
+    """The image files among ``inputs`` (files, or folders whose images are taken in name order)."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, name) for name in os.listdir(item)
+                           if name.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"the folder {item!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
         else:
-            image[0, where, :] += 1.0
-    return images, labels.astype(np.float32)
+            raise FileNotFoundError(f"{item!r} does not exist; give image files or folders of images")
+    return paths
 
 
-class TinyNet(nn.Module):
-    """conv 3x3 -> ReLU -> max pool -> conv 3x3 -> ReLU -> global average -> one logit."""
+# --- the steps the commands share -----------------------------------------------------------------------------------
+def report_evaluation(model, config, dataset, out, batch_size, progress=True):
+    """Evaluate ``model`` on ``dataset``; write metrics.json, precision_recall.png and detections.png to ``out``."""
+    os.makedirs(out, exist_ok=True)
+    detections = predict_dataset(model, dataset, batch_size=batch_size, progress=progress)
+    result = coco_evaluate(dataset, detections)
+    print(result.summary())
+    write_atomically(os.path.join(out, "metrics.json"),
+                                   lambda f: f.write(json.dumps(result.to_dict(), indent=2).encode()))
+    names = list(dataset.classes)
+    plots.plot_precision_recall(result.precision, result.recall_points, names,
+                                os.path.join(out, "precision_recall.png"))
+    shown = range(min(8, len(dataset)))
+    items = [dataset[i] for i in shown]
+    plots.plot_detection_grid([image for image, _ in items], [detections[i] for i in shown], names,
+                              os.path.join(out, "detections.png"), targets=[target for _, target in items])
+    print(f"wrote metrics.json, precision_recall.png and detections.png to {out}")
+    return result
 
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.classifier = nn.Parameter(nn.init.normal((16, 1), std=0.1))
 
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.relu(self.conv2(x))
-        return (F.mean(x, dim=(2, 3)) @ self.classifier).reshape(-1)   # (N,)
-
-
+# --- the commands ---------------------------------------------------------------------------------------------------
 def demo(args):
-    md.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    model = TinyNet().to(args.device)
-    optimizer = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    losses, start = [], time.perf_counter()
-    print(f"training a tiny conv net to tell horizontal from vertical bars ({args.steps} steps, {args.device})")
-    for step in range(1, args.steps + 1):
-        images, labels = bars(32, 16, rng)
-        images, labels = md.tensor(images, device=args.device), md.tensor(labels, device=args.device)
-        loss = F.binary_cross_entropy_with_logits(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if step == 1 or step % 20 == 0:
-            print(f"step {step:4d}  loss {loss.item():.4f}")
-    with md.no_grad():
-        images, labels = bars(512, 16, rng)
-        predicted = model(md.tensor(images, device=args.device)).numpy() > 0
-    print(f"held-out accuracy {np.mean(predicted == labels):.1%} after {time.perf_counter() - start:.1f} s")
+    started = time.perf_counter()
+    config = TrainConfig(num_images=args.train_images, image_size=args.image_size, epochs=args.epochs,
+                         data_seed=args.seed, seed=args.seed, device=args.device, out=args.out)
+    train_set = Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
+    print(f"minidet demo: a RetinaNet ({config.backbone}, FPN {config.fpn_channels}) learns to find "
+          f"{', '.join(train_set.classes)} in {config.num_images} synthetic {config.image_size}-px images "
+          f"({config.epochs} epochs on {config.device}), then is scored on {args.val_images} images it never saw")
+    if os.path.exists(os.path.join(args.out, "last.npz")):
+        print(f"replacing the earlier demo in {args.out}")
+    run = train(config, train_set)
+    trained_at = time.perf_counter()
+    last = run.metrics[-1]
+    print(f"trained {last['step']} step{'s' * (last['step'] != 1)} in {trained_at - started:.0f} s: loss {run.metrics[0]['loss']:.3f} -> "
+          f"{np.mean([row['loss'] for row in run.metrics[-20:]]):.3f} (mean of the last 20 steps)")
+    plots.plot_losses(run.metrics, os.path.join(args.out, "loss.png"))
+
+    result = report_evaluation(run.model.eval(), config, held_out_shapes(config, args.val_images), args.out,
+                               batch_size=16)
+    stats = anchor_report.anchor_statistics(train_set)
+    anchor_report.plot_anchor_report(stats, os.path.join(args.out, "anchors.png"))
+    seconds = time.perf_counter() - started
+    report = (f"# minidet demo\n\nRetinaNet ({config.backbone} backbone, FPN {config.fpn_channels} channels) "
+              f"trained on {config.num_images} Shapes images of {config.image_size} px for {last['step']} steps "
+              f"on {config.device}, evaluated on {args.val_images} held-out images.\n\n"
+              f"- time: {seconds:.0f} s in all ({trained_at - started:.0f} s training)\n"
+              f"- COCO AP {result.ap:.3f}, AP50 {result.ap50:.3f}, AP75 {result.ap75:.3f}\n"
+              f"- boxes no anchor can match at IoU 0.5: {stats.share_unmatchable:.1%}\n\n"
+              "Pictures: loss.png (training), detections.png (held-out images: detections solid, ground truth "
+              "dashed), precision_recall.png, anchors.png (box sizes against anchor sizes).\n"
+              f"The model is in last.npz: `minidet detect {os.path.join(args.out, 'last.npz')} IMAGE...`\n")
+    write_atomically(os.path.join(args.out, "report.md"), lambda f: f.write(report.encode()))
+    print(f"done in {seconds:.0f} s: AP50 {result.ap50:.3f}, AP {result.ap:.3f}; "
+          f"pictures and report.md in {args.out}")
+
+
+def make_shapes(args):
+    if os.path.exists(os.path.join(args.out, "annotations.json")):
+        raise FileExistsError(f"{args.out!r} already holds a dataset (annotations.json); choose another folder "
+                              "or delete it")
+    dataset = Shapes(args.images, image_size=args.image_size, seed=args.seed)
+    path = export_coco(dataset, args.out)
+    print(f"wrote {len(dataset)} images of {args.image_size} px ({', '.join(dataset.classes)}) and {path}")
+
+
+def train_command(args):
+    fields = {field.name for field in dataclasses.fields(TrainConfig)}
+    settings = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    config = TrainConfig(**settings, data_seed=args.seed)
+    checkpoint = os.path.join(args.out, "last.npz")
+    if os.path.exists(checkpoint) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{checkpoint} exists: add --resume to continue that run, --overwrite to start "
+                              "again in the same folder, or choose another --out")
+    dataset = dataset_from_args(args)
+    run = train(config, dataset, resume=args.resume)
+    loss_curve = plots.plot_losses(run.metrics, os.path.join(args.out, "loss.png"))
+    print(f"trained {run.metrics[-1]['step']} steps; checkpoint {checkpoint}, loss curve {loss_curve}")
+
+
+def evaluate_command(args):
+    model, config = load_trained_model(args.checkpoint, device=args.device)
+    dataset = dataset_from_args(args, config, held_out=True)
+    report_evaluation(model, config, dataset, args.out, batch_size=args.batch_size)
+
+
+def detect(args):
+    paths = image_paths(args.images)
+    model, config = load_trained_model(args.checkpoint, device=args.device)
+    model.score_thresh = args.score_thresh
+    names = config.classes or [str(k) for k in range(config.num_classes)]
+    images = [read_image(path) for path in paths]
+    detections = predict_images(model, images, batch_size=args.batch_size, min_size=args.min_size)
     os.makedirs(args.out, exist_ok=True)
-    picture = os.path.join(args.out, "loss.png")
-    _plot_loss(losses, picture)
-    print(f"loss curve written to {picture}")
+    records = []
+    for path, image, found in zip(paths, images, detections):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        plots.save_detections(image, found, names, os.path.join(args.out, stem + ".png"),
+                              score_thresh=args.score_thresh)
+        records.append({"image": path, "detections": [
+            {"box": [round(float(v), 2) for v in box], "score": round(float(score), 4), "label": int(label),
+             "class": names[int(label)]}
+            for box, score, label in zip(found["boxes"], found["scores"], found["labels"])]})
+        print(f"{path}: {len(found['scores'])} objects")
+    json_path = os.path.join(args.out, "detections.json")
+    write_atomically(json_path, lambda f: f.write(json.dumps(records, indent=1).encode()))
+    print(f"wrote {len(paths)} pictures and {json_path}")
 
 
-def _plot_loss(losses, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(range(1, len(losses) + 1), losses)
-    ax.set(xlabel="step", ylabel="binary cross-entropy", title="TinyNet learning bars with minidet")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def inspect_anchors(args):
+    dataset = dataset_from_args(args)
+    stats = anchor_report.anchor_statistics(dataset, preset=args.preset)
+    print(stats.summary())
+    report = anchor_report.plot_anchor_report(stats, os.path.join(args.out, "anchor_report.png"))
+    # Show the images whose boxes the anchors miss first: they are the ones to look at.
+    worst = list(dict.fromkeys(int(i) for i in stats.image_index[stats.unmatchable]))
+    shown = (worst + [i for i in range(len(dataset)) if i not in worst])[:args.show]
+    matched = anchor_report.plot_matched_anchors(dataset, shown, os.path.join(args.out, "matched_anchors.png"),
+                                                 preset=args.preset)
+    print(f"wrote {report} and {matched}")
 
 
 def convert(args):
@@ -140,16 +251,148 @@ def _torch_load_error(path, error):
                       f"({detail})")
 
 
+def _default(name):
+    """TrainConfig's default for setting ``name``, for the help texts."""
+    return {field.name: field.default for field in dataclasses.fields(TrainConfig)}[name]
+
+
+def add_data_flags(parser, shapes_help):
+    parser.add_argument("--data", metavar="FOLDER",
+                        help="a COCO-format folder (images/ and annotations.json; see make-shapes); "
+                             f"default: {shapes_help}")
+    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                        help="bad annotations in --data: fail (default: stop and list them) or skip them "
+                             "(listed in a warning)")
+    parser.add_argument("--images", dest="num_images", type=int, default=_default("num_images"),
+                        help=f"without --data: how many shapes images (default: {_default('num_images')})")
+
+
+def add_device_flag(parser):
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where to compute (default: cpu; cuda needs CuPy and an NVIDIA GPU)")
+
+
+def add_train_flags(parser):
+    """The training settings: each flag sets the TrainConfig field of the same name (see minidet.train)."""
+    group = parser.add_argument_group("training settings (defaults: TrainConfig's, the demo's recipe)")
+    flags = [
+        ("--epochs", int, "passes over the training images"),
+        ("--batch-size", int, "images per step"),
+        ("--lr", float, "learning rate after warm-up"),
+        ("--optimizer", ["sgd", "adam"], "sgd (with momentum, the paper's) or adam"),
+        ("--schedule", ["step", "cosine"], "step: x0.1 at 2/3 and 8/9 of training; cosine: down to 0"),
+        ("--warmup-iters", int, "steps of linear learning-rate warm-up"),
+        ("--weight-decay", float, "L2 weight decay"),
+        ("--clip-grad-norm", float, "clip the gradients' global norm to this (default: no clipping)"),
+        ("--backbone", ["resnet_small", "resnet18", "resnet34", "resnet50"], "the backbone network"),
+        ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
+        ("--head-norm", ["group"], "normalisation in the subnets (default: none)"),
+        ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (see retinanet-defaults)"),
+        ("--image-size", int, "without --data: the side of the shapes images, in pixels"),
+        ("--checkpoint-every", int, "also write last.npz every this many steps (default: each epoch only)"),
+    ]
+    for flag, kind, text in flags:
+        name = flag[2:].replace("-", "_")
+        default = _default(name)
+        shown = "" if default is None or "default:" in text else f" (default: {default})"
+        if isinstance(kind, list):
+            group.add_argument(flag, choices=kind, help=text + shown)
+        else:
+            group.add_argument(flag, type=kind, help=text + shown)
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the initial weights, the image order and flips, and of the shapes data "
+                            "(default: 0)")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minidet", description="RetinaNet from scratch, for learning.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("demo", help="train a tiny network and show its loss falling",
-                            description="Train a tiny conv net with minidet, print the loss and draw its curve.")
-    p.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for data and weights (default: 0)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to train (default: cpu)")
-    p.add_argument("--out", default="minidet-demo", help="folder for the pictures (default: minidet-demo)")
+    parser = argparse.ArgumentParser(prog="minidet", description="RetinaNet from scratch, for learning.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="minidet COMMAND --help explains each command's flags.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("demo", help="train a detector on synthetic shapes, evaluate it, draw pictures",
+                            description="Generate synthetic shapes, train a small RetinaNet on the CPU, evaluate "
+                                        "it (COCO mAP) on held-out images, and write pictures and report.md. "
+                                        "With the defaults it takes a few minutes on a laptop.")
+    p.add_argument("--out", default="minidet-demo", help="the folder for the checkpoint, pictures and report "
+                                                         "(default: minidet-demo)")
+    p.add_argument("--train-images", type=int, default=_default("num_images"),
+                   help=f"training images (default: {_default('num_images')})")
+    p.add_argument("--val-images", type=int, default=200, help="held-out images to evaluate on (default: 200)")
+    p.add_argument("--epochs", type=int, default=_default("epochs"),
+                   help=f"passes over the training images (default: {_default('epochs')})")
+    p.add_argument("--image-size", type=int, default=_default("image_size"),
+                   help=f"side of the images in pixels (default: {_default('image_size')})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights (default: 0)")
+    add_device_flag(p)
     p.set_defaults(run=demo)
+
+    p = commands.add_parser("make-shapes", help="write synthetic shapes as a COCO-format folder",
+                            description="Write the built-in synthetic data as OUT/images/*.png and "
+                                        "OUT/annotations.json. Training on it gives the same model as training "
+                                        "on the generator with the same seed.")
+    p.add_argument("out", metavar="OUT", help="the folder to create (it must not already hold a dataset)")
+    p.add_argument("--images", type=int, default=_default("num_images"),
+                   help=f"how many images (default: {_default('num_images')})")
+    p.add_argument("--image-size", type=int, default=_default("image_size"),
+                   help=f"side of the images in pixels (default: {_default('image_size')})")
+    p.add_argument("--seed", type=int, default=0, help="the data's seed (default: 0)")
+    p.set_defaults(run=make_shapes)
+
+    p = commands.add_parser("train", help="train a RetinaNet on a COCO-format folder or on synthetic shapes",
+                            description="Train a RetinaNet. Writes OUT/last.npz (each epoch, atomically), "
+                                        "OUT/metrics.jsonl (a line per step) and OUT/loss.png.")
+    add_data_flags(p, "the built-in synthetic shapes")
+    p.add_argument("--out", default="runs/train", help="the run folder (default: runs/train)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.npz, exactly where it stopped (same settings)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in --out even if it holds one")
+    add_device_flag(p)
+    add_train_flags(p)
+    p.set_defaults(run=train_command)
+
+    p = commands.add_parser("evaluate", help="COCO mAP of a trained checkpoint, with pictures",
+                            description="Score a checkpoint of `minidet train` with COCO's mAP (pycocotools): "
+                                        "prints AP, AP50, AP75 and per-class AP, writes metrics.json, "
+                                        "precision_recall.png and detections.png.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.npz written by minidet train or demo")
+    add_data_flags(p, "held-out shapes drawn like the checkpoint's training data")
+    p.set_defaults(num_images=200)
+    p.add_argument("--out", default="runs/evaluate", help="the folder for the results (default: runs/evaluate)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    add_device_flag(p)
+    p.set_defaults(run=evaluate_command)
+
+    p = commands.add_parser("detect", help="find objects in images: PNGs with boxes, and a JSON",
+                            description="Run a trained checkpoint on image files (or folders of them); write one "
+                                        "PNG per image with boxes, class names and scores, and detections.json "
+                                        "(boxes as x1, y1, x2, y2 in the image's pixels).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.npz written by minidet train or demo")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, ...) or folders of them")
+    p.add_argument("--out", default="runs/detect", help="the folder for the results (default: runs/detect)")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help="keep detections scoring above this (default: 0.3)")
+    p.add_argument("--min-size", type=int,
+                   help="resize each image so its shorter side is this many pixels first (default: as it is; "
+                        "use about the size the model was trained at)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    add_device_flag(p)
+    p.set_defaults(run=detect)
+
+    p = commands.add_parser("inspect-anchors", help="do the anchors fit a dataset's boxes?",
+                            description="For each box of a dataset, its best IoU with any anchor: prints the "
+                                        "share that no anchor can match at IoU 0.5, writes anchor_report.png "
+                                        "(box sizes against anchor sizes) and matched_anchors.png (the anchors "
+                                        "each box gets, worst images first).")
+    add_data_flags(p, "the built-in synthetic shapes")
+    p.add_argument("--image-size", type=int, default=_default("image_size"),
+                   help=f"without --data: side of the shapes images (default: {_default('image_size')})")
+    p.add_argument("--seed", type=int, default=0, help="without --data: the shapes' seed (default: 0)")
+    p.add_argument("--preset", choices=["paper", "torchvision"], default="paper",
+                   help="whose anchors and matching (default: paper)")
+    p.add_argument("--show", type=int, default=8, help="images in matched_anchors.png (default: 8)")
+    p.add_argument("--out", default="runs/anchors", help="the folder for the pictures (default: runs/anchors)")
+    p.set_defaults(run=inspect_anchors)
 
     p = commands.add_parser(
         "convert", help="convert torchvision's RetinaNet weights (.pth) to a minidet checkpoint (.npz)",

@@ -1,21 +1,51 @@
 """The `minidet` command."""
 
+import argparse
+import json
 import re
+from pathlib import Path
 
+import matplotlib.image
+import numpy as np
 import pytest
 
-from minidet.cli import main
+import minidet as md
+from minidet.cli import build_parser, main
+
+TINY_DEMO = ["--train-images", "8", "--val-images", "4", "--epochs", "1", "--image-size", "64"]
+TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--image-size", "64", "--images", "6"]
 
 
-def test_demo_trains_and_draws_its_loss_curve(tmp_path, capsys):
-    assert main(["demo", "--steps", "120", "--out", str(tmp_path)]) == 0
+def read_png(path):
+    data = Path(path).read_bytes()
+    assert data.startswith(b"\x89PNG"), f"{path} is not a PNG"
+    return matplotlib.image.imread(path)
+
+
+def test_demo_trains_evaluates_and_writes_pictures_and_a_report(tmp_path, capsys):
+    assert main(["demo", *TINY_DEMO, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", out)]
-    assert losses[-1] < 0.1 * losses[0]
-    accuracy = float(re.search(r"held-out accuracy ([\d.]+)%", out).group(1))
-    assert accuracy > 95
-    png = (tmp_path / "loss.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert re.search(r"trained 1 step in \d+ s: loss \d\.\d{3} -> \d\.\d{3}", out)
+    assert re.search(r"done in \d+ s: AP50 \d\.\d{3}, AP \d\.\d{3}", out)
+    for name in ("loss.png", "detections.png", "precision_recall.png", "anchors.png"):
+        assert read_png(tmp_path / name).size > 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"ap", "ap50", "ap75", "per_class_ap"} <= set(metrics)
+    assert set(metrics["per_class_ap"]) == {"circle", "square", "triangle", "cross"}
+    report = (tmp_path / "report.md").read_text()
+    assert f"AP50 {metrics['ap50']:.3f}" in report and "detections.png" in report
+    assert (tmp_path / "last.npz").exists()
+
+
+def test_every_flag_of_every_command_is_explained():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"demo", "make-shapes", "train", "evaluate", "detect", "inspect-anchors",
+                                     "convert"}
+    for name, command in commands.choices.items():
+        assert command.description, f"{name} has no description"
+        for action in command._actions:
+            assert action.help and len(action.help) > 10, f"{name} {action.option_strings or action.dest}: no help"
 
 
 def test_unknown_flag_is_one_clear_line(capsys):
@@ -28,9 +58,79 @@ def test_cuda_without_a_gpu_is_one_clear_line(tmp_path, capsys):
     from minidet import backend
     if backend.cuda_available():
         pytest.skip("a GPU is present")
-    assert main(["demo", "--device", "cuda", "--out", str(tmp_path)]) == 1
+    assert main(["demo", *TINY_DEMO, "--device", "cuda", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("minidet demo: device 'cuda' asked for, but no CUDA GPU is usable")
+    assert err.count("\n") == 1
+
+
+def test_training_on_a_make_shapes_folder_equals_training_on_the_generator(tmp_path):
+    assert main(["make-shapes", str(tmp_path / "data"), "--images", "6", "--image-size", "64", "--seed", "3"]) == 0
+    assert main(["train", "--data", str(tmp_path / "data"), *TINY_TRAIN, "--seed", "3",
+                 "--out", str(tmp_path / "from_folder")]) == 0
+    assert main(["train", *TINY_TRAIN, "--seed", "3", "--out", str(tmp_path / "from_generator")]) == 0
+    from_folder, from_generator = md.load(tmp_path / "from_folder" / "last.npz"), md.load(
+        tmp_path / "from_generator" / "last.npz")
+    weights = [name for name in from_folder if name.startswith("model.")]
+    assert len(weights) > 50
+    for name in weights:
+        np.testing.assert_array_equal(from_folder[name], from_generator[name], err_msg=name)
+
+
+def test_make_shapes_does_not_overwrite_a_dataset(tmp_path, capsys):
+    assert main(["make-shapes", str(tmp_path), "--images", "2", "--image-size", "32"]) == 0
+    assert main(["make-shapes", str(tmp_path), "--images", "2", "--image-size", "32"]) == 1
+    assert "already holds a dataset" in capsys.readouterr().err
+
+
+def test_train_refuses_to_replace_a_run_but_resumes_it(tmp_path, capsys):
+    run = ["train", *TINY_TRAIN, "--out", str(tmp_path)]
+    assert main(run) == 0
+    assert (tmp_path / "loss.png").exists()
+    assert main(run) == 1
+    assert "add --resume to continue that run, --overwrite to start again" in capsys.readouterr().err
+    assert main([*run[:2], "2", *run[3:], "--resume"]) == 1          # --epochs 2 is another run: refused
+    assert "cannot resume exactly with different settings: epochs (1 in the checkpoint, 2 now)" in \
+        capsys.readouterr().err
+    assert main([*run, "--overwrite"]) == 0
+
+
+def test_evaluate_and_detect_a_trained_checkpoint(tmp_path, capsys):
+    assert main(["train", *TINY_TRAIN, "--out", str(tmp_path / "run")]) == 0
+    checkpoint = str(tmp_path / "run" / "last.npz")
+    assert main(["evaluate", checkpoint, "--images", "3", "--out", str(tmp_path / "eval")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out shapes images of 64 px" in out and "AP50" in out
+    assert read_png(tmp_path / "eval" / "precision_recall.png").size > 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ap"] >= 0
+
+    assert main(["make-shapes", str(tmp_path / "data"), "--images", "2", "--image-size", "64"]) == 0
+    assert main(["detect", checkpoint, str(tmp_path / "data" / "images"), "--score-thresh", "0.05",
+                 "--out", str(tmp_path / "det")]) == 0
+    records = json.loads((tmp_path / "det" / "detections.json").read_text())
+    assert [Path(r["image"]).name for r in records] == ["000000.png", "000001.png"]
+    for record in records:
+        assert read_png(tmp_path / "det" / Path(record["image"]).name).shape[:2] == (64, 64)
+        for found in record["detections"]:
+            assert found["score"] > 0.05 and found["class"] in ("circle", "square", "triangle", "cross")
+            x1, y1, x2, y2 = found["box"]
+            assert 0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 64
+
+
+def test_detect_and_evaluate_name_missing_files_in_one_line(tmp_path, capsys):
+    assert main(["detect", str(tmp_path / "none.npz"), str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith(f"minidet detect: the folder {str(tmp_path)!r} holds no images")
+    assert main(["evaluate", str(tmp_path / "none.npz")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minidet evaluate: ") and "none.npz" in err and err.count("\n") == 1
+
+
+def test_inspect_anchors_reports_the_unmatchable_share_and_draws(tmp_path, capsys):
+    assert main(["inspect-anchors", "--images", "4", "--image-size", "64", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"unmatchable \(best IoU < 0.5\): \d+ of \d+ boxes", out)
+    assert read_png(tmp_path / "anchor_report.png").size > 0
+    assert read_png(tmp_path / "matched_anchors.png").size > 0
 
 
 # --- minidet convert ---------------------------------------------------------------------------------------------
