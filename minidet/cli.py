@@ -148,6 +148,8 @@ def make_shapes(args):
 def train_command(args):
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     settings = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    if settings.get("head_norm") == "none":
+        settings["head_norm"] = None
     config = TrainConfig(**settings, data_seed=args.seed)
     checkpoint = os.path.join(args.out, "last.npz")
     if os.path.exists(checkpoint) and not (args.resume or args.overwrite):
@@ -286,7 +288,7 @@ def add_train_flags(parser):
         ("--clip-grad-norm", float, "clip the gradients' global norm to this (default: no clipping)"),
         ("--backbone", ["resnet_small", "resnet18", "resnet34", "resnet50"], "the backbone network"),
         ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
-        ("--head-norm", ["group"], "normalisation in the subnets (default: none)"),
+        ("--head-norm", ["group", "none"], "normalisation in the subnets' towers"),
         ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (see retinanet-defaults)"),
         ("--image-size", int, "without --data: the side of the shapes images, in pixels"),
         ("--checkpoint-every", int, "also write last.npz every this many steps (default: each epoch only)"),

@@ -53,19 +53,24 @@ class TrainConfig:
         classes: the K class names, saved with every checkpoint so detections can be named; None takes the
             dataset's ``classes``.
         backbone, fpn_channels, head_norm, preset: passed to ``RetinaNet`` (``resnet_small`` with 64 channels: about
-            0.3 M backbone parameters, a step of 16 images of 128 x 128 in about 0.3 s on a CPU).
+            0.3 M backbone parameters, a step of 16 images of 128 x 128 in about 0.3 s on a CPU). Group norm in
+            the subnets (``head_norm="group"``, as torchvision's ``retinanet_resnet50_fpn_v2`` has) makes a model
+            trained from scratch learn faster.
     Data (the built-in ``Shapes`` set; unused when ``train`` is given a dataset):
         num_images, image_size, data_seed: ``Shapes(num_images, image_size, seed=data_seed)``.
         flip_prob: the probability of flipping each image (and its boxes) left-right at each step.
     Optimisation:
         batch_size, epochs: an epoch is one pass over the dataset in a new random order, ceil(len / batch_size)
             steps (the last batch may be smaller).
-        lr: the learning rate after warm-up. The paper uses 0.01 for 16 images a batch (and scales it linearly
-            with the batch size), for a backbone pretrained on ImageNet. The small model learning from scratch
-            on Shapes does better with twice that: measured over 60 s on a CPU, the loss fell from 1.68 to 1.08
-            at 0.02 against 1.40 at 0.01, and at 0.05 training diverged after about 170 steps.
-        momentum, weight_decay: SGD's (0.9 and 1e-4, the paper's). For simplicity the weight decay applies to
-            every parameter, biases and batch norm scales included (Detectron and torchvision do the same by default).
+        optimizer: ``"sgd"`` (with momentum, the paper's) or ``"adam"``. The paper trains with SGD from a backbone
+            pretrained on ImageNet; the small model here learns from scratch, and Adam gets it much further in the
+            few hundred steps a CPU affords: measured on Shapes (batch 16, 128 px), after 190 steps the
+            classification loss was 1.03 with SGD at lr 0.02 (0.01 barely moves it, 0.05 diverges) against 0.42
+            with Adam at 1e-3 and 0.33 with Adam at 2e-3 and group norm in the subnets.
+        lr: the learning rate after warm-up (the paper: 0.01 for SGD with 16 images a batch).
+        momentum: SGD's (0.9, the paper's). weight_decay: L2 decay added to every gradient (1e-4, the paper's;
+            for simplicity on every parameter, biases and normalisation scales included, as Detectron and
+            torchvision do by default).
         warmup_iters, warmup_factor: the rate rises linearly from ``warmup_factor * lr`` to ``lr`` over the first
             ``warmup_iters`` steps, so the large early gradients of a fresh detector do not blow it up.
         schedule: ``"step"``: the rate is multiplied by 0.1 at each of ``milestones`` (step numbers; None puts them
@@ -87,23 +92,23 @@ class TrainConfig:
     classes: list[str] | None = None
     backbone: str = "resnet_small"
     fpn_channels: int = 64
-    head_norm: str | None = None
+    head_norm: str | None = "group"
     preset: str = "paper"
     # data
-    num_images: int = 512
+    num_images: int = 1024
     image_size: int = 128
     data_seed: int = 0
     flip_prob: float = 0.5
     # optimisation
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     batch_size: int = 16
-    epochs: int = 10
-    lr: float = 0.02
+    epochs: int = 15
+    lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_iters: int = 100
     warmup_factor: float = 1 / 3
-    schedule: str = "step"
+    schedule: str = "cosine"
     milestones: list[int] | None = None
     clip_grad_norm: float | None = None
     # run
