@@ -113,7 +113,8 @@ def demo(args):
     run = train(config, train_set)
     trained_at = time.perf_counter()
     last = run.metrics[-1]
-    print(f"trained {last['step']} step{'s' * (last['step'] != 1)} in {trained_at - started:.0f} s: loss {run.metrics[0]['loss']:.3f} -> "
+    steps = f"{last['step']} step{'s' * (last['step'] != 1)}"
+    print(f"trained {steps} in {trained_at - started:.0f} s: loss {run.metrics[0]['loss']:.3f} -> "
           f"{np.mean([row['loss'] for row in run.metrics[-20:]]):.3f} (mean of the last 20 steps)")
     plots.plot_losses(run.metrics, os.path.join(args.out, "loss.png"))
 

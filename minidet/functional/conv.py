@@ -66,22 +66,46 @@ def _unpad_hw(x, padding):
     return x[:, :, ph:x.shape[2] - ph, pw:x.shape[3] - pw]
 
 
+def _batch_last(x, padding):
+    """x (N, C, H, W) copied into a zero-padded (C, H + 2PH, W + 2PW, N) array: the convolution's working layout."""
+    n, c, h, w = x.shape
+    ph, pw = padding
+    padded = get_array_module(x).zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=x.dtype)
+    padded[:, ph:ph + h, pw:pw + w] = x.transpose(1, 2, 3, 0)
+    return padded
+
+
 class Conv2d(Function):
+    """Convolution as matrix products, the whole batch in each product, on a batch-last copy of the input.
+
+    The columns are laid out (G, C/G*KH*KW, L*N): column (oh, ow, n) holds the window of output position (oh, ow)
+    in image n. So the forward is one (O/G, C/G*KH*KW) x (C/G*KH*KW, L*N) product per group, not one small product
+    per image: a few large products run much faster than many small ones (each call to the BLAS library has a
+    fixed cost, and with several threads wakes them all).
+
+    Why batch-last: the input is first copied, padded, to (C, H + 2PH, W + 2PW, N). Then in every window row the
+    OW positions times the N images are one contiguous run of memory (for stride 1), so the im2col copy (and
+    col2im's additions in the backward) move long runs, not runs of OW values: on the small maps of the coarse
+    pyramid levels (8 x 8 down to 1 x 1) that is several times faster. The price is transposing output-sized
+    arrays (N, O, OH, OW) <-> (O, OH, OW, N), small next to the columns.
+    """
+
     def __init__(self, stride, padding, groups):
         self.stride, self.padding, self.groups = stride, padding, groups
 
     def forward(self, x, w, b=None):
-        n, c, h, _ = x.shape
+        n = x.shape[0]
         o, c_per_group, kh, kw = w.shape
         g = self.groups
         xp = get_array_module(x)
         self.x_shape, self.w_shape = x.shape, w.shape
-        windows = window_view(_pad_hw(x, self.padding), (kh, kw), self.stride)   # (N, C, KH, KW, OH, OW)
+        padded = _batch_last(x, self.padding)                                   # (C, H + 2PH, W + 2PW, N)
+        windows = window_view(padded.transpose(3, 0, 1, 2), (kh, kw), self.stride)   # (N, C, KH, KW, OH, OW)
         oh, ow = windows.shape[-2:]
-        self.cols = windows.reshape(n, g, c_per_group * kh * kw, oh * ow)       # (N, G, C/G*KH*KW, L), a copy
+        self.cols = windows.transpose(1, 2, 3, 4, 5, 0).reshape(g, c_per_group * kh * kw, oh * ow * n)  # a copy
         self.w_mat = w.reshape(g, o // g, c_per_group * kh * kw)                # (G, O/G, C/G*KH*KW)
-        y = xp.matmul(self.w_mat, self.cols)                                    # (N, G, O/G, L)
-        y = y.reshape(n, o, oh, ow)
+        y = xp.matmul(self.w_mat, self.cols)                                    # (G, O/G, L*N)
+        y = xp.ascontiguousarray(y.reshape(o, oh, ow, n).transpose(3, 0, 1, 2))  # (N, O, OH, OW)
         if b is not None:
             y += b.reshape(1, o, 1, 1)
         return y
@@ -90,26 +114,25 @@ class Conv2d(Function):
         need_x, need_w = self.needs_input_grad[:2]
         n, c, h, w = self.x_shape
         o, c_per_group, kh, kw = self.w_shape
-        (sh, sw), (ph, pw) = self.stride, self.padding
         g = self.groups
         oh, ow = gy.shape[-2:]
-        gy_mat = gy.reshape(n, g, o // g, oh * ow)                              # (N, G, O/G, L)
+        xp = get_array_module(gy)
+        gy_mat = gy.transpose(1, 2, 3, 0).reshape(g, o // g, oh * ow * n)       # (G, O/G, L*N), a copy
         gx = gw = None
         if need_w:
-            # dL/dW = sum over images of dL/dY (O/G, L) times columns transposed (L, C/G*KH*KW)
-            gw = (gy_mat @ self.cols.swapaxes(-1, -2)).sum(axis=0).reshape(self.w_shape)
+            # dL/dW = dL/dY (O/G, L*N) times the columns transposed (L*N, C/G*KH*KW): the sum over images and
+            # positions is the inner dimension of the product.
+            gw = (gy_mat @ self.cols.swapaxes(-1, -2)).reshape(self.w_shape)
         if need_x:
             # dL/dcolumns = W transposed times dL/dY; col2im then adds each column back onto the pixels it was
-            # read from. Done one kernel tap (i, j) at a time, so the columns in flight are only as large as
-            # the output, not KH * KW times larger: far less memory to allocate, and so faster.
-            xp = get_array_module(gy)
-            w_taps = self.w_mat.reshape(g, o // g, c_per_group, kh, kw)         # (G, O/G, C/G, KH, KW)
-            gx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)       # padded, like the forward input
+            # read from, one strided slice per kernel tap (i, j), in the padded batch-last layout of the forward.
+            gcols = (self.w_mat.swapaxes(-1, -2) @ gy_mat).reshape(c, kh, kw, oh, ow, n)
+            (sh, sw), (ph, pw) = self.stride, self.padding
+            gx = xp.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=gy.dtype)      # (C, H + 2PH, W + 2PW, N)
             for i in range(kh):
                 for j in range(kw):
-                    tap = w_taps[..., i, j].swapaxes(-1, -2) @ gy_mat           # (N, G, C/G, L)
-                    gx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += tap.reshape(n, c, oh, ow)
-            gx = _unpad_hw(gx, self.padding)
+                    gx[:, i:i + sh * oh:sh, j:j + sw * ow:sw] += gcols[:, i, j]   # (C, OH, OW, N)
+            gx = xp.ascontiguousarray(gx[:, ph:ph + h, pw:pw + w].transpose(3, 0, 1, 2))   # (N, C, H, W)
         if len(self.needs_input_grad) == 2:
             return gx, gw
         gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
@@ -160,9 +183,14 @@ class MaxPool2d(Function):
         self.padded_shape = (n, c, x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
         windows = window_view(_pad_hw(x, self.padding, -xp.inf), self.kernel, self.stride)
         kh, kw, oh, ow = windows.shape[2:]
-        windows = windows.reshape(n, c, kh * kw, oh, ow)
-        self.argmax = windows.argmax(axis=2)                                     # (N, C, OH, OW), first max wins
-        return xp.take_along_axis(windows, self.argmax[:, :, None], axis=2)[:, :, 0]
+        windows = windows.reshape(n, c, kh * kw, oh, ow)                        # (N, C, T, OH, OW), T = KH*KW taps
+        y = windows.max(axis=2)                                                 # (N, C, OH, OW)
+        # The backward needs the tap that gave each max, the first one where several tie (as torch). NumPy reduces
+        # over a middle axis quickly with max, but slowly with argmax (it copies the array first), so: weight the
+        # taps equal to the max by T, T-1, ..., 1; the largest weight w marks the first of them, tap T - w.
+        first_weights = xp.arange(kh * kw, 0, -1, dtype=xp.int16).reshape(1, 1, -1, 1, 1)   # (1, 1, T, 1, 1)
+        self.argmax = kh * kw - ((windows == y[:, :, None]) * first_weights).max(axis=2)  # (N, C, OH, OW)
+        return y
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -195,9 +223,17 @@ class UpsampleNearest(Function):
         return blocks.reshape(n, c, h * sh, w * sw)
 
     def backward(self, gy):
-        # Each input pixel fed an SH x SW block of outputs, so its gradient is that block's sum.
+        # Each input pixel fed an SH x SW block of outputs, so its gradient is that block's sum. It is added up one
+        # offset (i, j) of the blocks at a time, a strided slice each: NumPy does that over ten times faster than
+        # blocks.sum(axis=(3, 5)), whose summed axes are short and interleaved with the kept ones.
         (sh, sw), (n, c, oh, ow) = self.scale, gy.shape
-        return gy.reshape(n, c, oh // sh, sh, ow // sw, sw).sum(axis=(3, 5))
+        blocks = gy.reshape(n, c, oh // sh, sh, ow // sw, sw)                    # (N, C, H, SH, W, SW)
+        gx = blocks[:, :, :, 0, :, 0].copy()                                    # (N, C, H, W)
+        for i in range(sh):
+            for j in range(sw):
+                if i or j:
+                    gx += blocks[:, :, :, i, :, j]
+        return gx
 
 
 def interpolate(input, size=None, scale_factor=None, mode="nearest"):
