@@ -259,15 +259,16 @@ def _default(name):
     return {field.name: field.default for field in dataclasses.fields(TrainConfig)}[name]
 
 
-def add_data_flags(parser, shapes_help):
+def add_data_flags(parser, shapes_help, num_images=None):
+    num_images = num_images or _default("num_images")
     parser.add_argument("--data", metavar="FOLDER",
                         help="a COCO-format folder (images/ and annotations.json; see make-shapes); "
                              f"default: {shapes_help}")
     parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                         help="bad annotations in --data: fail (default: stop and list them) or skip them "
                              "(listed in a warning)")
-    parser.add_argument("--images", dest="num_images", type=int, default=_default("num_images"),
-                        help=f"without --data: how many shapes images (default: {_default('num_images')})")
+    parser.add_argument("--images", dest="num_images", type=int, default=num_images,
+                        help=f"without --data: how many shapes images (default: {num_images})")
 
 
 def add_device_flag(parser):
@@ -359,8 +360,7 @@ def build_parser():
                                         "prints AP, AP50, AP75 and per-class AP, writes metrics.json, "
                                         "precision_recall.png and detections.png.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.npz written by minidet train or demo")
-    add_data_flags(p, "held-out shapes drawn like the checkpoint's training data")
-    p.set_defaults(num_images=200)
+    add_data_flags(p, "held-out shapes drawn like the checkpoint's training data", num_images=200)
     p.add_argument("--out", default="runs/evaluate", help="the folder for the results (default: runs/evaluate)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     add_device_flag(p)
