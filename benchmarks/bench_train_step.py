@@ -145,8 +145,8 @@ def demo_setup():
     return model, optimizer, images, targets
 
 
-def minidet_step(model, optimizer, images, targets):
-    """One training step; returns the two losses as floats."""
+def training_step(model, optimizer, images, targets):
+    """One training step, in minidet or in torch (the same calls in both); returns the two losses as floats."""
     losses = model(images, targets)
     loss = losses["classification"] + losses["box_regression"]
     optimizer.zero_grad()
@@ -269,19 +269,10 @@ def torch_setup(model, images, targets):
     return torch_model, torch_optimizer, torch_images, torch_targets
 
 
-def torch_step(model, optimizer, images, targets):
-    losses = model(images, targets)
-    loss = losses["classification"] + losses["box_regression"]
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return losses["classification"].item(), losses["box_regression"].item()
-
-
 def compare(model, optimizer, images, targets, torch_model, torch_optimizer, torch_images, torch_targets):
     """One step in each library from the same weights: the losses, and the largest gradient difference."""
-    ours = minidet_step(model, optimizer, images, targets)
-    theirs = torch_step(torch_model, torch_optimizer, torch_images, torch_targets)
+    ours = training_step(model, optimizer, images, targets)
+    theirs = training_step(torch_model, torch_optimizer, torch_images, torch_targets)
     torch_grads = {name: p.grad.numpy() for name, p in torch_model.named_parameters()}
     # Some gradients are all but zero at initialisation (fpn.p7's are about 1e-14, a millionth of the others):
     # there float32 rounding is the whole value, so each tensor's error is taken relative to its largest value,
@@ -384,7 +375,7 @@ def instrumented(profile):
 def profile_steps(model, optimizer, images, targets, steps):
     """Mean seconds per step in each region over ``steps`` instrumented steps, largest first."""
     profile = Profile()
-    step = profile.timed(minidet_step, lambda *_: "other: Python between the ops (modules, checks, ...)")
+    step = profile.timed(training_step, lambda *_: "other: Python between the ops (modules, checks, ...)")
     with instrumented(profile):
         for _ in range(steps):
             step(model, optimizer, images, targets)
@@ -444,7 +435,7 @@ def main():
     result = {"threads": ARGS.threads, "repeat": ARGS.repeat, "numpy": np.__version__,
               "torch": torch.__version__ if torch is not None else None}
 
-    steps = [lambda: minidet_step(model, optimizer, images, targets)]
+    steps = [lambda: training_step(model, optimizer, images, targets)]
     if torch is not None:
         torch_parts = torch_setup(model, images, targets)
         ours, theirs, loss_errors, worst, worst_name = compare(model, optimizer, images, targets, *torch_parts)
@@ -452,7 +443,7 @@ def main():
               f"({ours[0]:.6f}, {ours[1]:.6f}), torch ({theirs[0]:.6f}, {theirs[1]:.6f}), max rel diff "
               f"{max(loss_errors):.1e}; gradients max rel diff {worst:.1e} ({worst_name})")
         result.update(loss_rel_diff=max(loss_errors), grad_rel_diff=worst)
-        steps.append(lambda: torch_step(*torch_parts))
+        steps.append(lambda: training_step(*torch_parts))
 
     print(f"\ntiming: {ARGS.warmup} warm-up and {ARGS.repeat} timed steps per library, alternating")
     times = alternate(steps, ARGS.repeat, ARGS.warmup)
