@@ -11,7 +11,7 @@ setup(
     # installed as the package minidet.kernels, where minidet/cuda.py looks for them.
     packages=find_packages(include=["minidet", "minidet.*"]) + ["minidet.kernels"],
     package_dir={"minidet.kernels": "kernels"},
-    package_data={"minidet.kernels": ["*.cu", "*.cuh"]},
+    package_data={"minidet.kernels": ["*.cu", "*.cuh", "*.h"]},
     install_requires=["numpy>=2.0", "matplotlib>=3.8", "tqdm>=4.60", "pycocotools>=2.0.8"],
     extras_require={
         "cuda12": ["cupy-cuda12x[ctk]>=13"],

@@ -2,12 +2,28 @@
 gives torchvision's Python code as an oracle, even on a CPU-only torch (see tests/torchvision_cpu.py)."""
 
 import importlib.util
+import os
 
+import cupy_on_cpu
 import numpy as np
 import pytest
 import torchvision_cpu
 
-from minidet import backend
+# MINIDET_TEST_CUPY=cpu-harness: "cupy" is the stand-in of tests/cupy_on_cpu.py, so the gpu-marked tests launch
+# the kernels on the CPU launch harness. It must be in place before minidet imports cupy.
+CUPY_STAND_IN = os.environ.get("MINIDET_TEST_CUPY") == "cpu-harness"
+if CUPY_STAND_IN:
+    cupy_on_cpu.install()
+
+from minidet import backend  # noqa: E402 (after the stand-in)
+
+
+def pytest_report_header(config):
+    if CUPY_STAND_IN:
+        return ("cupy: the stand-in of tests/cupy_on_cpu.py; kernels run on the CPU launch harness, not on a GPU "
+                f"(schedule {os.environ.get('MINIDET_HARNESS_SCHEDULE', 'forward')}, poison "
+                f"{os.environ.get('MINIDET_HARNESS_POISON', '0xFF')})")
+    return None
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
