@@ -1,6 +1,11 @@
 // focal_loss.cu: the sigmoid focal loss of (A, K) logits with one class label per anchor, and its gradient, in
 // one pass over the logits. The arithmetic is in focal_loss.cuh; this file is how the GPU's threads share the work.
 //
+// This is version 3, the one minidet launches. Version 1 (focal_loss_v1.cu) takes one thread per logit and one
+// atomicAdd per thread; version 2 (focal_loss_v2.cu) adds the grid-stride loop and the block sums. Version 3
+// changes how a thread walks its elements: one division at the start instead of one per element, and 4 loads in
+// flight before it computes, so that the memory is kept busy.
+//
 // Inputs: logits (A, K) row-major; labels (A,) int32: 0..K-1 is the class of a positive anchor, -1 (BACKGROUND)
 // means all K targets are 0, -2 (IGNORED) means the anchor adds nothing; weights (A,): each anchor's loss is
 // multiplied by its weight (RetinaNet puts 1 / number of positives there). Outputs: grad (A, K), the gradient of
@@ -19,11 +24,9 @@
 // elements before it computes any, so that it has several logits on their way from memory at once (with one at a
 // time, the loads in flight might be too few to keep the memory busy).
 //
-// The reduction: the block's 256 running sums become one number in two steps. Each warp (32 threads) adds its
-// 32 sums with shuffles (__shfl_down_sync passes a register from one thread to another: after 5 steps of
-// halving, thread 0 of the warp holds the warp's sum). The 8 warp sums go to shared memory (8 values, the
-// only shared memory used), and the first warp adds those the same way. Thread 0 then adds the block's sum to
-// the loss with one atomicAdd. So there are as many atomic additions as blocks (a few hundred), not A * K.
+// The reduction: the block's 256 running sums become one number (add_block_sum in block_sum.cuh: shuffles within
+// each warp, the 8 warp sums through shared memory, the first warp adds those), and thread 0 adds it to the loss
+// with one atomicAdd. So there are as many atomic additions as blocks (a few hundred), not A * K.
 // The order of the additions differs from NumPy's (and from run to run, with the atomics), so the loss agrees
 // with the NumPy reference within float32 rounding, not bit for bit; each gradient element is computed alone
 // and does not depend on the order.
@@ -34,22 +37,13 @@
 // copies at. The arithmetic is one exp, one log1p, one division and about 40 other operations per logit; that
 // should fit in the same time, so the kernel is limited by memory, and the goal is to be close to that floor.
 
+#include "block_sum.cuh"
 #include "focal_loss.cuh"
 
 namespace {
 
 constexpr int BLOCK_SIZE = 256;         // threads per block; minidet/cuda.py launches with this many
 constexpr int ELEMENTS_PER_ROUND = 4;   // elements a thread loads before it computes any of them
-constexpr unsigned FULL_WARP = 0xffffffffu;
-
-// The sum of `value` over the 32 threads of a warp, in thread 0 of the warp.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
-    for (int offset = 16; offset > 0; offset /= 2) {
-        value += __shfl_down_sync(FULL_WARP, value, offset);
-    }
-    return value;
-}
 
 template <typename T>
 __device__ __forceinline__ void focal_loss_with_labels(const T* __restrict__ logits, const int* __restrict__ labels,
@@ -90,16 +84,7 @@ __device__ __forceinline__ void focal_loss_with_labels(const T* __restrict__ log
         }
     }
 
-    __shared__ T warp_sums[BLOCK_SIZE / 32];
-    const int lane = threadIdx.x % 32;
-    const int warp = threadIdx.x / 32;
-    sum = warp_sum(sum);
-    if (lane == 0) warp_sums[warp] = sum;
-    __syncthreads();
-    if (warp == 0) {
-        sum = warp_sum(lane < BLOCK_SIZE / 32 ? warp_sums[lane] : T(0));
-        if (lane == 0) atomicAdd(loss, sum);
-    }
+    minidet::add_block_sum<BLOCK_SIZE>(sum, loss);
 }
 
 }  // namespace

@@ -1,6 +1,11 @@
 // iou_match.cu: IoU matching of anchors to ground-truth boxes for a batch of images, without ever building the
 // anchors x boxes IoU matrix.
 //
+// This is version 2, the one minidet launches. Version 1 (iou_match_v1.cu) has each thread read every box from
+// global memory and fold every IoU into its box's best with an atomicMax on global memory. Version 2 stages the
+// boxes in shared memory, a tile of 256 at a time, and takes each box's best over a warp with shuffles, then over
+// the block in shared memory, before one atomicMax on global memory per (block, box).
+//
 // Inputs: anchors (A, 4), shared by every image; boxes (B, Gmax, 4), each image's boxes padded to Gmax;
 // counts (B,) int32, how many of an image's Gmax slots are real boxes (the rest are never read); the thresholds
 // high and low. Outputs: matches (B, A) int64 (the index of the anchor's box, or BACKGROUND -1, or IGNORED -2)
@@ -38,29 +43,13 @@
 // at about 15 operations each, plus, in pass 1, a warp reduction per (warp, box): the kernel is limited by
 // arithmetic and by the launches, and should take tens of microseconds on an H100. The IoU matrix it avoids
 // would take 8 x 120,000 x 50 x 4 B = 192 MB, and its temporaries several times that.
+#include "float_bits.cuh"
 #include "iou_match.cuh"
 
 namespace {
 
 constexpr int BLOCK_SIZE = 256;  // anchors per block, and boxes per tile; minidet/cuda.py launches with this
 constexpr unsigned FULL_WARP = 0xffffffffu;
-
-// The integer type with the bits of each float type, and the conversions.
-template <typename T>
-struct BitsOf;
-template <>
-struct BitsOf<float> {
-    using type = int;
-};
-template <>
-struct BitsOf<double> {
-    using type = long long;
-};
-
-__device__ __forceinline__ int to_bits(float value) { return __float_as_int(value); }
-__device__ __forceinline__ long long to_bits(double value) { return __double_as_longlong(value); }
-__device__ __forceinline__ float from_bits(int bits) { return __int_as_float(bits); }
-__device__ __forceinline__ double from_bits(long long bits) { return __longlong_as_double(bits); }
 
 // The largest of `value` over the 32 threads of a warp, in every thread of the warp.
 template <typename Bits>
@@ -82,9 +71,9 @@ template <typename T>
 __device__ __forceinline__ void match_best_box(const T* __restrict__ anchors, const T* __restrict__ boxes,
                                                const int* __restrict__ counts, int num_anchors, int max_boxes,
                                                T high, T low, int find_box_best,
-                                               typename BitsOf<T>::type* __restrict__ box_best,
+                                               typename minidet::BitsOf<T>::type* __restrict__ box_best,
                                                long long* __restrict__ matches, T* __restrict__ ious) {
-    using Bits = typename BitsOf<T>::type;
+    using Bits = typename minidet::BitsOf<T>::type;
     __shared__ minidet::Box<T> tile[BLOCK_SIZE];
     __shared__ Bits tile_box_best[BLOCK_SIZE];
 
@@ -108,7 +97,7 @@ __device__ __forceinline__ void match_best_box(const T* __restrict__ anchors, co
             const T iou = minidet::box_iou(anchor, tile[j]);
             minidet::keep_best(best, iou, start + j);
             if (find_box_best) {
-                const Bits block_best = warp_max(has_anchor ? to_bits(iou) : Bits(0));
+                const Bits block_best = warp_max(has_anchor ? minidet::to_bits(iou) : Bits(0));
                 if (threadIdx.x % 32 == 0) atomicMax(&tile_box_best[j], block_best);
             }
         }
@@ -129,7 +118,7 @@ __device__ __forceinline__ void match_best_box(const T* __restrict__ anchors, co
 template <typename T>
 __device__ __forceinline__ void promote_low_quality(const T* __restrict__ anchors, const T* __restrict__ boxes,
                                                     const int* __restrict__ counts, int num_anchors, int max_boxes,
-                                                    const typename BitsOf<T>::type* __restrict__ box_best,
+                                                    const typename minidet::BitsOf<T>::type* __restrict__ box_best,
                                                     long long* __restrict__ matches) {
     __shared__ minidet::Box<T> tile[BLOCK_SIZE];
     __shared__ T tile_box_best[BLOCK_SIZE];
@@ -148,7 +137,7 @@ __device__ __forceinline__ void promote_low_quality(const T* __restrict__ anchor
         __syncthreads();
         if (threadIdx.x < tile_size) {
             tile[threadIdx.x] = load_box(boxes, first_box + start + threadIdx.x);
-            tile_box_best[threadIdx.x] = from_bits(box_best[first_box + start + threadIdx.x]);
+            tile_box_best[threadIdx.x] = minidet::from_bits(box_best[first_box + start + threadIdx.x]);
         }
         __syncthreads();
         for (int j = 0; j < tile_size; ++j) {

@@ -38,6 +38,15 @@ COMPILE_OPTIONS = ("-std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt
 CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 
 
+# The versions of each kernel a learner can compare (kernels/<file>.cu; each file says what it changes from the
+# previous one). The launchers take the newest by default, the one minidet uses; benchmarks/bench_kernels.py
+# --version N times the others.
+FOCAL_LOSS_VERSIONS = {1: "focal_loss_v1", 2: "focal_loss_v2", 3: "focal_loss"}
+MATCHING_VERSIONS = {1: "iou_match_v1", 2: "iou_match"}
+FOCAL_LOSS_VERSION = max(FOCAL_LOSS_VERSIONS)
+MATCHING_VERSION = max(MATCHING_VERSIONS)
+
+
 def kernels_dir():
     """The folder with the ``.cu`` and ``.cuh`` files.
 
@@ -106,6 +115,12 @@ def resident_blocks(module_name, kernel_name, device_id):
     return max(1, per_multiprocessor) * cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
+def _module_of(versions, version):
+    if version not in versions:
+        raise ValueError(f"kernel version {version!r}: there are versions {', '.join(map(str, versions))}")
+    return versions[version]
+
+
 def _scalar_type(dtype):
     """The NumPy scalar type a kernel argument of this float dtype needs, and the kernel name's suffix."""
     if dtype == np.float32:
@@ -117,7 +132,7 @@ def _scalar_type(dtype):
 
 # --- focal loss ----------------------------------------------------------------------------------------------------
 
-def focal_loss_with_labels(logits, labels, weights, alpha, gamma):
+def focal_loss_with_labels(logits, labels, weights, alpha, gamma, version=FOCAL_LOSS_VERSION):
     """The CUDA kernel behind ``focal_loss_with_labels_reference`` (same arguments and results, on CuPy arrays).
 
     Args:
@@ -125,10 +140,12 @@ def focal_loss_with_labels(logits, labels, weights, alpha, gamma):
         labels: (A,) integer CuPy array: class 0..K-1, -1 background, -2 ignored (converted to int32).
         weights: (A,) CuPy array, converted to the dtype of ``logits``.
         alpha, gamma: numbers.
+        version: which kernel (FOCAL_LOSS_VERSIONS); the newest by default.
 
     Returns:
         loss: 0-d array, sum over a, k of weights[a] * FL(logits[a, k], labels[a] == k); grad: (A, K), its gradient.
     """
+    module = _module_of(FOCAL_LOSS_VERSIONS, version)
     cupy = backend.cupy
     scalar, suffix = _scalar_type(logits.dtype)
     num_anchors, num_classes = logits.shape
@@ -139,13 +156,14 @@ def focal_loss_with_labels(logits, labels, weights, alpha, gamma):
     grad = cupy.empty(logits.shape, dtype=logits.dtype)
     if num_anchors * num_classes == 0:
         return loss, grad
-    # One wave of blocks: as many as the GPU runs at once (a few hundred), each thread looping over its share of
-    # the elements. More blocks would only wait for a free multiprocessor, and a last, partly filled wave would
-    # leave some idle at the end.
     name = f"focal_loss_with_labels_{suffix}"
-    kernel = get_kernel("focal_loss", name)
-    wave = resident_blocks("focal_loss", name, cupy.cuda.Device().id)
-    blocks = min(math.ceil(num_anchors * num_classes / BLOCK_SIZE), wave)
+    kernel = get_kernel(module, name)
+    blocks = math.ceil(num_anchors * num_classes / BLOCK_SIZE)          # version 1: a thread per logit
+    if version > 1:
+        # One wave of blocks: as many as the GPU runs at once (a few hundred), each thread looping over its share
+        # of the elements. More blocks would only wait for a free multiprocessor, and a last, partly filled wave
+        # would leave some idle at the end.
+        blocks = min(blocks, resident_blocks(module, name, cupy.cuda.Device().id))
     kernel((blocks,), (BLOCK_SIZE,),
            (cupy.ascontiguousarray(logits), cupy.ascontiguousarray(labels, dtype=cupy.int32),
             cupy.ascontiguousarray(weights, dtype=logits.dtype), np.int32(num_anchors), np.int32(num_classes),
@@ -155,7 +173,8 @@ def focal_loss_with_labels(logits, labels, weights, alpha, gamma):
 
 # --- IoU matching --------------------------------------------------------------------------------------------------
 
-def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_matches):
+def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_matches,
+                        version=MATCHING_VERSION):
     """The CUDA kernels behind ``minidet.matching.match_anchors_batch`` (same results, on CuPy arrays).
 
     Args:
@@ -164,12 +183,14 @@ def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_mat
         counts: (B,) integers, 0 <= counts[b] <= Gmax (the caller checks).
         high, low: the thresholds, rounded to the dtype of ``anchors`` as the reference does.
         allow_low_quality_matches: promote each box's best anchors (a second launch).
+        version: which kernels (MATCHING_VERSIONS); the newest by default.
 
     Returns:
         matches: (B, A) int64; ious: (B, A) in the dtype of ``anchors``.
     """
     cupy = backend.cupy
     scalar, suffix = _scalar_type(anchors.dtype)
+    module = _module_of(MATCHING_VERSIONS, version)
     num_anchors = anchors.shape[0]
     num_images, max_boxes = boxes.shape[0], boxes.shape[1]
     if num_anchors >= 2**31 or num_images > 65535:
@@ -187,9 +208,9 @@ def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_mat
     box_best = cupy.zeros((num_images, max(max_boxes, 1)), dtype=bits)
     grid = (math.ceil(num_anchors / BLOCK_SIZE), num_images)
     inputs = (anchors, boxes, counts, np.int32(num_anchors), np.int32(max_boxes))
-    get_kernel("iou_match", f"match_best_box_{suffix}")(
+    get_kernel(module, f"match_best_box_{suffix}")(
         grid, (BLOCK_SIZE,),
         inputs + (scalar(high), scalar(low), np.int32(bool(allow_low_quality_matches)), box_best, matches, ious))
     if allow_low_quality_matches:
-        get_kernel("iou_match", f"promote_low_quality_{suffix}")(grid, (BLOCK_SIZE,), inputs + (box_best, matches))
+        get_kernel(module, f"promote_low_quality_{suffix}")(grid, (BLOCK_SIZE,), inputs + (box_best, matches))
     return matches, ious

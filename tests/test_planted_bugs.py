@@ -31,7 +31,7 @@ def run_planted(file, old, new, check, schedule="forward", poison="0xFF"):
 
 
 def test_the_unchanged_kernels_pass_the_checks():
-    for file, line, check in [("kernels/focal_loss.cu", "__syncthreads();", "focal"),
+    for file, line, check in [("kernels/block_sum.cuh", "__syncthreads();", "focal"),
                               ("kernels/iou_match.cu", "tile_box_best[threadIdx.x] = 0;", "matching"),
                               ("minidet/cuda.py", "BLOCK_SIZE = 256", "focal")]:
         code, output = run_planted(file, line, line, check)
@@ -40,7 +40,7 @@ def test_the_unchanged_kernels_pass_the_checks():
 
 @pytest.mark.parametrize("schedule, caught", [("forward", True), ("random:1", True), ("reverse", False)])
 def test_a_missing_syncthreads_before_the_block_sum(schedule, caught):
-    code, output = run_planted("kernels/focal_loss.cu", "    __syncthreads();\n", "\n", "focal", schedule)
+    code, output = run_planted("kernels/block_sum.cuh", "    __syncthreads();\n", "\n", "focal", schedule)
     if caught:
         assert code == 1, output
         assert "the loss is nan, the NumPy reference" in output        # poison 0xFF read as a float is NaN
@@ -49,12 +49,12 @@ def test_a_missing_syncthreads_before_the_block_sum(schedule, caught):
 
 
 def test_a_warp_shuffle_inside_a_divergent_branch():
-    code, output = run_planted("kernels/focal_loss.cu",
-                               "sum = warp_sum(lane < BLOCK_SIZE / 32 ? warp_sums[lane] : T(0));",
-                               "if (lane < BLOCK_SIZE / 32) sum = warp_sum(warp_sums[lane]);", "focal")
+    code, output = run_planted("kernels/block_sum.cuh",
+                               "value = warp_sum(lane < BLOCK_SIZE / 32 ? warp_sums[lane] : T(0));",
+                               "if (lane < BLOCK_SIZE / 32) value = warp_sum(warp_sums[lane]);", "focal")
     assert code == 1, output
     assert "deadlock in block" in output
-    assert "Threads 0-7 wait at __shfl_down_sync (mask 0xffffffff) at focal_loss.cu:" in output
+    assert "Threads 0-7 wait at __shfl_down_sync (mask 0xffffffff) at block_sum.cuh:" in output
     assert "for lanes 8-31 of their warp" in output and "Threads 8-255 have exited" in output
 
 
