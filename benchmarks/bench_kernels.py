@@ -1,6 +1,6 @@
 """How fast are minidet's CUDA kernels? Focal loss and IoU matching, timed on a GPU against torchvision.
 
-What is measured (issue 5):
+What is measured:
 
 1. Focal loss, forward + backward, on 8 images x 120,000 anchors x 80 classes (and x 20 classes): one float32
    logit per (anchor, class), labels with about 0.1% positive and 1% ignored anchors, weights 1 / (8 x the image's
@@ -33,6 +33,11 @@ in microseconds. Run from the repository root:
     PYTHONPATH=. python benchmarks/bench_kernels.py              # the issue's shapes
     PYTHONPATH=. python benchmarks/bench_kernels.py --quick      # small shapes, a smoke test of the script
     PYTHONPATH=. python benchmarks/bench_kernels.py --bandwidth 4.8e12   # another GPU's copy rate (H200)
+    PYTHONPATH=. python benchmarks/bench_kernels.py --version 1          # only version 1 of each kernel
+
+Every version of each kernel (kernels/focal_loss_v1.cu, ..._v2.cu, focal_loss.cu = v3; iou_match_v1.cu,
+iou_match.cu = v2) is timed by default, in microseconds and in GB/s of the bytes that must move, so that what each
+version changes shows in what it buys.
 
 Needs CuPy and a CUDA GPU (it stops with a message otherwise); torch and torchvision for the comparison.
 """
@@ -65,6 +70,9 @@ def parse_args():
                         help="the GPU's copy rate in bytes/s, for the memory floor (default 3.0e12, an H100 SXM)")
     parser.add_argument("--quick", action="store_true", help="small shapes and 3 repeats: checks the script runs")
     parser.add_argument("--no-torch", action="store_true", help="time minidet only")
+    parser.add_argument("--version", type=int, default=None,
+                        help="time only version N of each kernel (focal loss 1-3, matching 1-2; kernels/*_vN.cu); "
+                             "default: every version")
     args = parser.parse_args()
     if args.quick:
         args.repeat, args.warmup = 3, 1
@@ -180,8 +188,16 @@ def bench_focal(args, num_images, anchors_per_image, num_classes, torch, torchvi
     print(f"\nfocal loss, forward + backward, {shape}: {moved / 1e6:.0f} MB to move, floor {floor_us:.0f} us "
           f"at {args.bandwidth / 1e12:.1f} TB/s")
 
-    kernel_us = median_us(lambda _: cuda.focal_loss_with_labels(logits, labels, weights, ALPHA, GAMMA),
-                          cupy_events, args.repeat, args.warmup)
+    rows, versions_us = [], {}
+    for version in selected(cuda.FOCAL_LOSS_VERSIONS, args.version):
+        versions_us[version] = median_us(
+            lambda _, v=version: cuda.focal_loss_with_labels(logits, labels, weights, ALPHA, GAMMA, v),
+            cupy_events, args.repeat, args.warmup)
+        rows.append((f"minidet kernel v{version} (loss + gradient)", versions_us[version]))
+    if cuda.FOCAL_LOSS_VERSION not in versions_us:
+        print_rows(rows, floor_us, moved)
+        return {"shape": shape, "bytes": moved, "floor_us": floor_us, "versions_us": versions_us}
+    kernel_us = versions_us[cuda.FOCAL_LOSS_VERSION]
 
     def public_op(_):
         x = md.Tensor(logits, requires_grad=True)
@@ -189,9 +205,9 @@ def bench_focal(args, num_images, anchors_per_image, num_classes, torch, torchvi
         return x
 
     op_us = median_us(public_op, cupy_events, args.repeat, args.warmup)
-    rows = [("minidet kernel (loss + gradient)", kernel_us), ("minidet F.sigmoid_focal_loss_with_labels + backward",
-                                                              op_us)]
-    result = {"shape": shape, "bytes": moved, "floor_us": floor_us, "kernel_us": kernel_us, "op_us": op_us}
+    rows.append(("minidet F.sigmoid_focal_loss_with_labels + backward", op_us))
+    result = {"shape": shape, "bytes": moved, "floor_us": floor_us, "kernel_us": kernel_us, "op_us": op_us,
+              "versions_us": versions_us}
 
     if torch is not None:
         x_torch = torch.from_dlpack(logits)
@@ -220,15 +236,25 @@ def bench_focal(args, num_images, anchors_per_image, num_classes, torch, torchvi
         rows.append(("torchvision sigmoid_focal_loss + autograd", torchvision_us))
         result.update(torchvision_us=torchvision_us, loss_error=loss_error, grad_error=grad_error)
 
-    print(f"  {'':<52} {'median us':>10} {'x floor':>8}")
-    for name, us in rows:
-        print(f"  {name:<52} {us:10.1f} {us / floor_us:8.2f}")
+    print_rows(rows, floor_us, moved)
     if torch is not None:
         speedup = result["torchvision_us"] / kernel_us
         print(f"  torchvision / minidet kernel: {speedup:.1f}x (goal >= 5x); kernel / floor: "
               f"{kernel_us / floor_us:.2f} (goal <= 1.4); torchvision / public op: "
               f"{result['torchvision_us'] / op_us:.1f}x")
     return result
+
+
+def selected(versions, version):
+    """The kernel versions to time: all of them, or the one asked for (none if this kernel has no such version)."""
+    return sorted(versions) if version is None else [v for v in sorted(versions) if v == version]
+
+
+def print_rows(rows, floor_us, moved):
+    """Each row's median time, its rate (the bytes that must move, per second) and its ratio to the floor."""
+    print(f"  {'':<52} {'median us':>10} {'GB/s':>8} {'x floor':>8}")
+    for name, us in rows:
+        print(f"  {name:<52} {us:10.1f} {moved / us / 1e3:8.0f} {us / floor_us:8.2f}")
 
 
 # --- IoU matching --------------------------------------------------------------------------------------------------
@@ -259,20 +285,26 @@ def bench_matching(args, num_images, num_boxes, image_size, torch, torchvision):
     def ours(_=None):
         return match_anchors_batch(anchors, boxes, counts, 0.5, 0.4, allow_low_quality_matches=True)
 
-    def kernels_only(_=None):
-        return cuda.match_anchors_batch(anchors, boxes, counts, 0.5, 0.4, True)
-
     matches, _ = ours()
+    rows, versions_us = [], {}
+    for version in selected(cuda.MATCHING_VERSIONS, args.version):
+        same = bool((cuda.match_anchors_batch(anchors, boxes, counts, 0.5, 0.4, True, version)[0] == matches).all())
+        versions_us[version] = median_us(
+            lambda _, v=version: cuda.match_anchors_batch(anchors, boxes, counts, 0.5, 0.4, True, v), cupy_events,
+            args.repeat, args.warmup)
+        rows.append((f"minidet kernels v{version} only (same matches: {same})", versions_us[version], None))
+    if cuda.MATCHING_VERSION not in versions_us:
+        print_matching_rows(rows)
+        return {"shape": shape, "versions_us": versions_us}
     cupy.cuda.Device().synchronize()
     with CupyPeakMemory() as memory:
         ours()
         cupy.cuda.Device().synchronize()
     ours_us = median_us(ours, cupy_events, args.repeat, args.warmup)
-    kernels_us = median_us(kernels_only, cupy_events, args.repeat, args.warmup)
     positives = int((matches >= 0).sum())
-    rows = [("minidet match_anchors_batch", ours_us, memory.peak), ("minidet kernels only", kernels_us, None)]
-    result = {"shape": shape, "ours_us": ours_us, "kernels_us": kernels_us, "ours_peak_bytes": memory.peak,
-              "positives": positives}
+    rows.insert(0, ("minidet match_anchors_batch", ours_us, memory.peak))
+    result = {"shape": shape, "ours_us": ours_us, "kernels_us": versions_us[cuda.MATCHING_VERSION],
+              "versions_us": versions_us, "ours_peak_bytes": memory.peak, "positives": positives}
 
     if torch is not None:
         from torchvision.models.detection._utils import Matcher
@@ -293,12 +325,16 @@ def bench_matching(args, num_images, num_boxes, image_size, torch, torchvision):
         rows.append(("torchvision box_iou + Matcher, per image", torch_us, torch_peak))
         result.update(torchvision_us=torch_us, torchvision_peak_bytes=torch_peak, differing_matches=differ)
 
-    print(f"  {'':<44} {'median us':>10} {'peak memory':>12}")
-    for name, us, peak in rows:
-        print(f"  {name:<44} {us:10.1f} {'-' if peak is None else f'{peak / 1e6:.1f} MB':>12}")
+    print_matching_rows(rows)
     if torch is not None:
         print(f"  torchvision / minidet: {result['torchvision_us'] / ours_us:.1f}x (goal >= 10x)")
     return result
+
+
+def print_matching_rows(rows):
+    print(f"  {'':<52} {'median us':>10} {'peak memory':>12}")
+    for name, us, peak in rows:
+        print(f"  {name:<52} {us:10.1f} {'-' if peak is None else f'{peak / 1e6:.1f} MB':>12}")
 
 
 # --- main ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Everything issue 5 needs a GPU for, in one go: the GPU tests, then the kernel benchmarks, with every log written
-# under "$OUT" (default: /tmp/minidet-gpu-results).
+# Everything minidet needs a GPU for, in one go: the GPU tests (every kernel version), then the kernel benchmarks,
+# with every log written under "$OUT" (default: /tmp/minidet-gpu-results).
 #
 #   benchmarks/gpu_suite.sh            # environment, kernel tests, all gpu tests, benchmarks
 #   benchmarks/gpu_suite.sh kernels    # environment and tests/test_kernels.py + tests/test_focal_labels.py only
