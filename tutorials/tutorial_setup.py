@@ -29,3 +29,15 @@ def save(fig, name):
     else:
         plt.close(fig)
     print(f"saved {path}")
+
+
+def show_source(path, first, last=None):
+    """Print the file ``path`` from the line containing ``first`` to the line containing ``last`` (None: to the
+    function's closing brace, the next line that is just "}"), with line numbers."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if first in line)
+    end = next(i for i in range(start, len(lines)) if (last in lines[i] if last else lines[i] == "}"))
+    print(f"--- {path.parent.name}/{path.name}, lines {start + 1}-{end + 1}")
+    for number in range(start, end + 1):
+        print(f"{number + 1:4d} | {lines[number]}")
