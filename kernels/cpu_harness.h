@@ -32,6 +32,10 @@
 #ifndef MINIDET_CPU_HARNESS_H
 #define MINIDET_CPU_HARNESS_H
 
+#if defined(__x86_64__) && !defined(CUDA_CPU_PORTABLE_SWITCH)
+#define CUDA_CPU_FAST_SWITCH 1
+#endif
+
 #include <dlfcn.h>
 #include <link.h>
 #include <pthread.h>
@@ -99,7 +103,7 @@ const char* op_name(WarpOp op) {
 
 // One thread of the block: a fiber, with its own stack.
 struct Fiber {
-#if defined(__x86_64__)
+#if defined(CUDA_CPU_FAST_SWITCH)
     void* stack_pointer = nullptr;  // where its registers were saved when it last stopped
 #else
     ucontext_t context;             // the same, for the portable switch
@@ -127,7 +131,7 @@ struct Worker {
     std::vector<Fiber> fibers;
     char* stacks = nullptr;         // fibers' stacks, each above a guard page
     std::size_t stacks_size = 0;
-#if defined(__x86_64__)
+#if defined(CUDA_CPU_FAST_SWITCH)
     void* scheduler_stack_pointer = nullptr;
 #else
     ucontext_t scheduler_context;
@@ -206,7 +210,8 @@ std::string place(const Where& where) {
 }
 
 bool same_call(const Where& a, const Where& b) {
-    return a.line() == b.line() && a.column() == b.column() && std::strcmp(a.file_name(), b.file_name()) == 0;
+    return a.line() == b.line() && a.column() == b.column() &&
+           (a.file_name() == b.file_name() || std::strcmp(a.file_name(), b.file_name()) == 0);
 }
 
 std::string triple(const uint3& v) { return format("(%u, %u, %u)", v.x, v.y, v.z); }
@@ -235,12 +240,13 @@ std::string thread_name(const Fiber& fiber) {
 
 // --- switching between fibers ----------------------------------------------------------------------------------
 // On x86-64 a switch saves the six registers a function call must preserve on the current stack, stores the stack
-// pointer, loads the other fiber's and pops its registers: a few nanoseconds. Elsewhere swapcontext does the same
-// job (slower: it also saves the signal mask with a system call).
+// pointer, loads the other fiber's and pops its registers: a few nanoseconds. Elsewhere (or with
+// CUDA_CPU_PORTABLE_SWITCH defined, which the tests use to check it) swapcontext does the same job, slower: it also
+// saves and restores the signal mask, with a system call each time.
 
 void fiber_main(Fiber* fiber);
 
-#if defined(__x86_64__)
+#if defined(CUDA_CPU_FAST_SWITCH)
 extern "C" __attribute__((visibility("hidden"))) void cuda_cpu_switch(void** save, void* load);
 extern "C" __attribute__((visibility("hidden"))) void cuda_cpu_fiber_start(Fiber* fiber) { fiber_main(fiber); }
 asm(R"(
@@ -366,13 +372,30 @@ void syncthreads(const Where& where) {
 
 // --- warp operations -------------------------------------------------------------------------------------------
 
+// The lanes named in `mask`, lowest first: for (int l : lanes(mask)).
+struct lanes {
+    unsigned int bits;
+    struct iterator {
+        unsigned int bits;
+        int operator*() const { return std::countr_zero(bits); }
+        iterator& operator++() {
+            bits &= bits - 1;  // clears the lowest set bit
+            return *this;
+        }
+        bool operator!=(const iterator& other) const { return bits != other.bits; }
+    };
+    iterator begin() const { return {bits}; }
+    iterator end() const { return {0}; }
+};
+
 std::uint64_t warp_operation(WarpOp op, unsigned int mask, std::uint64_t value, int operand, int width,
                              const Where& where) {
-    Fiber& self = current_fiber();
+    Worker& w = *worker;
+    Fiber& self = *w.fiber;
     const int lane = self.index % warpSize;
     const int warp = self.index / warpSize;
     const int first = warp * warpSize;
-    const int num_threads = static_cast<int>(worker->fibers.size());
+    const int lanes_in_warp = std::min(warpSize, static_cast<int>(w.fibers.size()) - first);
     if (!(mask >> lane & 1u)) {
         throw KernelError{format("%s at %s: %s calls it with mask 0x%08x, which does not name its own lane %d",
                                  op_name(op), place(where).c_str(), thread_name(self).c_str(), mask, lane)};
@@ -381,12 +404,11 @@ std::uint64_t warp_operation(WarpOp op, unsigned int mask, std::uint64_t value, 
         throw KernelError{format("%s at %s: width %d; it must be a power of 2 from 1 to 32", op_name(op),
                                  place(where).c_str(), width)};
     }
-    for (int l = 0; l < warpSize; ++l) {
-        if ((mask >> l & 1u) && first + l >= num_threads) {
-            throw KernelError{format("%s at %s: the mask 0x%08x names lane %d of warp %d, but the block has only %d "
-                                     "threads, so that lane does not exist",
-                                     op_name(op), place(where).c_str(), mask, l, warp, num_threads)};
-        }
+    if (lanes_in_warp < warpSize && (mask >> lanes_in_warp) != 0) {
+        throw KernelError{format("%s at %s: the mask 0x%08x names lane %d of warp %d, but the block has only %zu "
+                                 "threads, so that lane does not exist",
+                                 op_name(op), place(where).c_str(), mask,
+                                 lanes_in_warp + std::countr_zero(mask >> lanes_in_warp), warp, w.fibers.size())};
     }
     self.state = State::at_warp_op;
     self.where = where;
@@ -396,17 +418,17 @@ std::uint64_t warp_operation(WarpOp op, unsigned int mask, std::uint64_t value, 
     self.operand = operand;
     self.width = width;
     // Complete the operation if every lane of the mask is now waiting at this call.
-    if (++worker->warp_waiting[warp] >= std::popcount(mask)) {
+    Fiber* const warp_fibers = &w.fibers[first];
+    if (++w.warp_waiting[warp] >= std::popcount(mask)) {
         bool all_here = true;
-        for (int l = 0; l < warpSize && all_here; ++l) {
-            const Fiber& other = worker->fibers[first + l];
-            all_here = !(mask >> l & 1u) || (other.state == State::at_warp_op && same_call(other.where, where));
+        for (int l : lanes{mask}) {
+            const Fiber& other = warp_fibers[l];
+            all_here = all_here && other.state == State::at_warp_op && same_call(other.where, where);
         }
         if (all_here) {
             unsigned int predicates = 0;
-            for (int l = 0; l < warpSize; ++l) {
-                const Fiber& other = worker->fibers[first + l];
-                if (!(mask >> l & 1u)) continue;
+            for (int l : lanes{mask}) {
+                const Fiber& other = warp_fibers[l];
                 if (other.mask != mask) {
                     throw KernelError{format("%s at %s in warp %d of %s: lanes call it with different masks "
                                              "(0x%08x in lane %d, 0x%08x in lane %d)",
@@ -415,9 +437,8 @@ std::uint64_t warp_operation(WarpOp op, unsigned int mask, std::uint64_t value, 
                 }
                 if (other.value != 0) predicates |= 1u << l;
             }
-            for (int l = 0; l < warpSize; ++l) {
-                if (!(mask >> l & 1u)) continue;
-                Fiber& target = worker->fibers[first + l];
+            for (int l : lanes{mask}) {
+                Fiber& target = warp_fibers[l];
                 const int segment = l / target.width * target.width;  // the first lane of its group of `width`
                 int source = l;                                        // a lane out of range gets its own value
                 switch (op) {
@@ -444,11 +465,11 @@ std::uint64_t warp_operation(WarpOp op, unsigned int mask, std::uint64_t value, 
                     case WarpOp::any: target.result = predicates != 0; break;
                     case WarpOp::all: target.result = predicates == mask; break;
                     case WarpOp::syncwarp: target.result = 0; break;
-                    default: target.result = worker->fibers[first + source].value;
+                    default: target.result = warp_fibers[source].value;
                 }
                 target.state = State::runnable;
             }
-            worker->warp_waiting[warp] -= std::popcount(mask);
+            w.warp_waiting[warp] -= std::popcount(mask);
         }
     }
     yield();
@@ -495,12 +516,11 @@ std::string waiting_description(const Fiber& fiber) {
         case State::runnable: return "can run";
         case State::at_barrier: return "wait at __syncthreads at " + place(fiber.where);
         case State::at_warp_op: {
-            const int first = fiber.index / warpSize * warpSize;
+            const Fiber* const warp_fibers = &worker->fibers[fiber.index / warpSize * warpSize];
             std::vector<int> missing;
-            for (int l = 0; l < warpSize; ++l) {
-                const Fiber& other = worker->fibers[first + l];
-                if ((fiber.mask >> l & 1u) && !(other.state == State::at_warp_op && same_call(other.where, fiber.where)))
-                    missing.push_back(l);
+            for (int l : lanes{fiber.mask}) {
+                const Fiber& other = warp_fibers[l];
+                if (!(other.state == State::at_warp_op && same_call(other.where, fiber.where))) missing.push_back(l);
             }
             return format("wait at %s (mask 0x%08x) at %s for lanes %s of their warp", op_name(fiber.op), fiber.mask,
                           place(fiber.where).c_str(), ranges(missing).c_str());
@@ -602,9 +622,10 @@ bool run_block(uint3 block_idx) {
     std::vector<int> order;
     order.reserve(num_threads);
     // Rounds: every fiber that can run runs once, up to its next synchronisation point, in the schedule's order.
-    while (worker->finished < num_threads) {
+    Worker& w = *worker;
+    while (w.finished < num_threads) {
         order.clear();
-        for (const Fiber& fiber : worker->fibers)
+        for (const Fiber& fiber : w.fibers)
             if (fiber.state == State::runnable) order.push_back(fiber.index);
         if (order.empty()) {
             launch.fail(deadlock_report());
@@ -618,11 +639,11 @@ bool run_block(uint3 block_idx) {
             }
         }
         for (int index : order) {
-            worker->fiber = &worker->fibers[index];
-            switch_to_fiber(*worker->fiber);
-            worker->fiber = nullptr;
-            if (!worker->error.empty()) {
-                launch.fail(worker->error);
+            w.fiber = &w.fibers[index];
+            switch_to_fiber(*w.fiber);
+            w.fiber = nullptr;
+            if (!w.error.empty()) {
+                launch.fail(w.error);
                 return false;
             }
             if (launch.failed) return false;  // another worker failed: stop early

@@ -24,6 +24,7 @@ import pytest
 
 from minidet import cpu_harness, cuda
 from minidet.cpu_harness import HarnessError, device_empty
+from minidet.functional.loss import focal_loss_with_labels_reference
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU launch harness needs g++")
@@ -401,6 +402,30 @@ def test_a_write_past_the_end_of_an_array_stops_at_once_and_says_where():
     assert "thread (4, 0, 0) (lane 4 of warp 0) of block (3, 0, 0) of kernel off_by_one made an invalid write" in output
     assert "0 bytes past the end of argument 1 (out), an array of 400 bytes" in output
     assert "the faulting instruction is at off_by_one at off_by_one.cu:4" in output
+
+
+def test_the_portable_fiber_switch_runs_the_same_launches(tmp_path):
+    # Where the x86-64 switch is not available, swapcontext switches the fibers; CUDA_CPU_PORTABLE_SWITCH forces it.
+    source = cuda.kernel_source("focal_loss")
+    (tmp_path / "kernel.cpp").write_text(cpu_harness.translation_unit(source, "focal_loss.cu"))
+    gxx, _ = cpu_harness.compiler()
+    subprocess.run([gxx, *cpu_harness.GXX_FLAGS, "-DCUDA_CPU_PORTABLE_SWITCH", f"-I{cuda.kernels_dir()}", "-o",
+                    str(tmp_path / "portable.so"), str(tmp_path / "kernel.cpp")], check=True, timeout=300)
+    module = cpu_harness.Module(tmp_path / "portable.so", cpu_harness.kernel_declarations(source))
+    assert "cuda_cpu_switch" not in subprocess.run(["nm", "-D", "--defined-only", str(tmp_path / "portable.so")],
+                                                   capture_output=True, text=True).stdout
+    rng = np.random.default_rng(3)
+    logits = (rng.standard_normal((3000, 7)) * 4).astype(np.float32)
+    labels = rng.integers(-2, 7, 3000).astype(np.int32)
+    weights = rng.uniform(0.5, 2, 3000).astype(np.float32)
+    expected_loss, expected_grad = focal_loss_with_labels_reference(logits, labels, weights, 0.25, 2.0)
+    for schedule in ("forward", "random"):
+        loss, grad = filled((), np.float32, 0), filled(logits.shape, np.float32, np.nan)
+        module.get_function("focal_loss_with_labels_float32")(
+            8, 256, (logits, labels, weights, np.int32(3000), np.int32(7), np.float32(0.25), np.float32(2.0), grad,
+                     loss), schedule=schedule)
+        assert float(loss) == pytest.approx(float(expected_loss), rel=1e-5)
+        np.testing.assert_allclose(grad, expected_grad, rtol=4e-6, atol=1e-38)
 
 
 # --- 3. the production kernels' launch tests, through the CuPy stand-in --------------------------------------------
