@@ -118,3 +118,20 @@ def test_a_collated_batch_goes_through_the_model():
     assert losses["num_positive"] > 0
     assert np.isfinite(losses["classification"].item()) and np.isfinite(losses["box_regression"].item())
     assert len(model.predict(images, sizes)) == 2
+
+
+def test_each_image_is_drawn_once_and_read_back_unchanged(monkeypatch):
+    dataset = Shapes(5, image_size=64, seed=3)
+    drawn = []
+    real = dataset._draw_pixels
+    monkeypatch.setattr(dataset, "_draw_pixels", lambda index: drawn.append(index) or real(index))
+    first = [dataset[i] for i in range(5)]
+    first[2][1]["boxes"] += 50                             # a caller changing a target in place
+    first[2][0][:] = 0
+    again = [dataset[i] for i in range(5)] + [dataset[-1]]
+    assert drawn == [0, 1, 2, 3, 4]
+    for i, (image, target) in zip([0, 1, 2, 3, 4, 4], again):
+        fresh_image, fresh_target, _ = Shapes(5, image_size=64, seed=3).draw(i)
+        np.testing.assert_array_equal(image, fresh_image)
+        np.testing.assert_array_equal(target["boxes"], fresh_target["boxes"])
+        np.testing.assert_array_equal(target["labels"], fresh_target["labels"])
