@@ -10,7 +10,7 @@ What is measured: one step of ``minidet demo``'s training, i.e.
 for the demo's model as it was first set (``minidet.train``'s defaults then; written out below, so later changes of
 those defaults do not change the benchmark): ``RetinaNet(4, backbone="resnet_small", fpn_channels=64,
 preset="paper")``, on a batch of 16 images of 128 x 128 from ``Shapes(16, 128)`` prepared by
-``minidet.train.training_batch``. The goal is at most 2.5 times torch's time for the same step.
+``minidet.train.training_batch``. The goal is at most 2.0 times torch's time for the same step.
 
 The PyTorch side: the same network built from torchvision's parts, with minidet's initial weights copied in
 -------------------------------------------------------------------------------------------------------------
@@ -30,9 +30,12 @@ the torch model here is assembled from torchvision's building blocks, which give
 The anchors are minidet's (an array that is the same for every step of a given image size), converted once.
 Its parameters and buffers have torchvision's names, which minidet's ``torchvision_weights.RENAMES`` maps to
 minidet's; so minidet's initial weights are copied in, and before timing the script checks that both libraries
-compute the same losses and the same gradients (the "max rel diff" lines: the largest difference over a tensor
-relative to its largest value, or to a millionth of the model's largest gradient where that is more: float32
-rounding through about 30 layers and batch norm).
+compute the same step: one step from the same weights in float64, whose losses and gradients must agree within
+1e-6 (for the gradients, the largest difference over a tensor relative to its largest value, or to a millionth of the
+model's largest gradient where that is more). It exits with status 1 if they do not. In float32 the same step is
+printed for information only: the backbone's gradients are about 1e-5 of the subnets', sums that nearly cancel,
+where float32 rounding (and which side of a ReLU a value near 0 falls) differs between any two implementations.
+The last line printed is the ratio of the median step times, minidet / torch.
 
 torchvision is imported through ``tests/torchvision_cpu.py``, which makes its Python code importable on a
 CPU-only torch.
@@ -421,6 +424,32 @@ def thread_report():
     return f"{blas}\n{torch_part}"
 
 
+# The weights, images and every op run in float64; the anchors and boxes stay float32 in both libraries (the box
+# targets are encoded from them), so the box loss and the gradients agree to about float32's precision of those
+# targets (measured: 6e-9 and 4e-7), not to float64's. A wrong op disagrees by orders of magnitude more.
+LOSS_TOLERANCE_FLOAT64 = GRADIENT_TOLERANCE_FLOAT64 = 1e-6
+
+
+def check_same_step_in_float64(result):
+    """One step of both libraries from the same fresh weights, in float64; exit 1 if they disagree."""
+    model, optimizer, images, targets = demo_setup()
+    model.to(np.float64)
+    images = images.astype(np.float64)
+    torch_model, torch_optimizer, torch_images, torch_targets = torch_setup(model, images, targets)
+    torch_model.double()
+    ours, theirs, loss_errors, worst, worst_name = compare(model, optimizer, images, targets, torch_model,
+                                                           torch_optimizer, torch_images, torch_targets)
+    print(f"same step, same weights, float64: losses (classification, box regression) minidet ({ours[0]:.9f}, "
+          f"{ours[1]:.9f}), torch ({theirs[0]:.9f}, {theirs[1]:.9f}), max rel diff {max(loss_errors):.1e}; "
+          f"gradients max rel diff {worst:.1e} ({worst_name})")
+    result.update(loss_rel_diff=max(loss_errors), grad_rel_diff=worst)
+    if max(loss_errors) > LOSS_TOLERANCE_FLOAT64 or worst > GRADIENT_TOLERANCE_FLOAT64:
+        sys.exit(f"bench_train_step.py: minidet and torch disagree on the same step in float64 (losses "
+                 f"{max(loss_errors):.1e} > {LOSS_TOLERANCE_FLOAT64:g} or gradients {worst:.1e} > "
+                 f"{GRADIENT_TOLERANCE_FLOAT64:g}, worst {worst_name}): the timings would not compare like with "
+                 "like")
+
+
 def main():
     if torch is not None:
         torch.set_num_threads(ARGS.threads)
@@ -437,12 +466,12 @@ def main():
 
     steps = [lambda: training_step(model, optimizer, images, targets)]
     if torch is not None:
+        check_same_step_in_float64(result)
         torch_parts = torch_setup(model, images, targets)
         ours, theirs, loss_errors, worst, worst_name = compare(model, optimizer, images, targets, *torch_parts)
-        print(f"same step, same weights: losses (classification, box regression) minidet "
-              f"({ours[0]:.6f}, {ours[1]:.6f}), torch ({theirs[0]:.6f}, {theirs[1]:.6f}), max rel diff "
-              f"{max(loss_errors):.1e}; gradients max rel diff {worst:.1e} ({worst_name})")
-        result.update(loss_rel_diff=max(loss_errors), grad_rel_diff=worst)
+        print(f"the same step in float32 (for information): losses max rel diff {max(loss_errors):.1e}; gradients "
+              f"max rel diff {worst:.1e} ({worst_name})")
+        result.update(loss_rel_diff_float32=max(loss_errors), grad_rel_diff_float32=worst)
         steps.append(lambda: training_step(*torch_parts))
 
     print(f"\ntiming: {ARGS.warmup} warm-up and {ARGS.repeat} timed steps per library, alternating")
@@ -460,8 +489,8 @@ def main():
         # a shared machine changes during the run.
         paired = statistics.median(a / b for a, b in zip(*times))
         result.update(torch_ms=torch_ms, ratio=ratio, paired_ratio=paired)
-        print(f"ratio minidet / torch: {ratio:.2f} (median of the rounds' ratios: {paired:.2f}); goal <= 2.5: "
-              f"{'ok' if ratio <= 2.5 else 'SLOWER'}")
+        print(f"ratio minidet / torch: {ratio:.2f} (median of the rounds' ratios: {paired:.2f}); goal <= 2.0: "
+              f"{'ok' if ratio <= 2.0 else 'SLOWER'}")
 
     if ARGS.profile_steps:
         rows = profile_steps(model, optimizer, images, targets, ARGS.profile_steps)
@@ -471,6 +500,8 @@ def main():
         with open(ARGS.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
         print(f"\nwrote {ARGS.json}")
+    if torch is not None:
+        print(f"ratio minidet / torch: {result['ratio']:.2f}")
 
 
 if __name__ == "__main__":
