@@ -44,6 +44,8 @@ import weakref
 
 import numpy as np
 
+from minidet import cuda
+
 HEADER = "cpu_harness.h"
 # -ffp-contract=off rounds a * b + c twice, as the GPU build's --fmad=false does; -g lets a fault name its source
 # line; -fvisibility=hidden keeps each library's names to itself.
@@ -121,7 +123,7 @@ def compiler():
 
 
 def kernel_declarations(source):
-    """[(name, launch bounds expression or None, [(type, parameter name), ...]), ...] of a .cu file's kernels."""
+    """[(name, launch bounds expression or None, [parameter names]), ...] for the kernels of a .cu file's text."""
     kernels = []
     for bounds, name, parameters in KERNEL_PATTERN.findall(source):
         names = [re.search(r"(\w+)\s*$", p.strip()).group(1) for p in parameters.split(",") if p.strip()]
@@ -134,17 +136,15 @@ def translation_unit(source, name):
     names them itself with a #line), and a line per kernel that registers it (with its launch bounds) so the harness
     can look it up by name and check its arguments' types."""
     lines = [f'#include "{HEADER}"', f'#line 1 "{name}"', source, '#line 1 "minidet-cpu-harness-registration"']
-    for number, (name, bounds, _) in enumerate(kernel_declarations(source)):
+    for number, (kernel, bounds, _) in enumerate(kernel_declarations(source)):
         lines.append(f'static const int cuda_cpu_registered_{number} = '
-                     f'cuda_cpu::register_kernel("{name}", &{name}, {bounds or MAX_THREADS_PER_BLOCK});')
+                     f'cuda_cpu::register_kernel("{kernel}", &{kernel}, {bounds or MAX_THREADS_PER_BLOCK});')
     return "\n".join(lines) + "\n"
 
 
 def build(source, include_dir, name="kernel.cu"):
     """The path of the shared library for this kernel source, compiled on first use and then taken from the cache.
     The key covers the source, every header in ``include_dir``, the harness header, the flags and g++'s version."""
-    from minidet import cuda
-
     include_dir = pathlib.Path(include_dir)
     header = pathlib.Path(cuda.kernels_dir()) / HEADER
     gxx, version = compiler()
@@ -275,7 +275,7 @@ class Kernel:
             return ctypes.c_void_p(value.ctypes.data), value
         if c_type == "unsupported":
             raise HarnessError(f"{where}: the harness does not know this parameter's C++ type")
-        if isinstance(value, np.ndarray) and value.ndim == 0 or not isinstance(value, bool | int | float | np.generic):
+        if not isinstance(value, bool | int | float | np.generic):     # a 0-d array is not a scalar either
             raise HarnessError(f"{where} is a {type(value).__name__}; the kernel's parameter is {c_type}: pass a "
                                f"NumPy scalar")
         # A Python scalar goes to the kernel as CuPy passes it: bool as bool, float as double, int as long long.
