@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
+import minidet as md
 import minidet.functional as F
 from minidet.autograd import Function
 from minidet.testing import GradcheckError, gradcheck
@@ -115,6 +116,35 @@ def test_conv2d(xp, rng, stride, padding, kernel, groups, batch):
 def test_conv2d_without_bias_and_with_rectangular_settings(xp, rng):
     x, w = randn(xp, rng, 2, 2, 6, 5), randn(xp, rng, 3, 2, 3, 1)
     gradcheck(lambda x, w: F.conv2d(x, w, stride=(2, 1), padding=(1, 0)), [x, w])
+
+
+def test_conv2d_strided_windows_from_phases_and_in_place_give_the_same_bits(rng):
+    # A strided convolution gathers its windows from the input's phases when a run of the batch's values is shorter
+    # than a cache line (few images), and from the input itself otherwise: one image at a time uses the first, the
+    # whole batch of 16 float32 images the second. Same sums, same order: the same bits.
+    from minidet.functional.conv import CACHE_LINE_BYTES
+
+    x = rng.standard_normal((16, 3, 9, 11)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((16, 5, 5, 6)).astype(np.float32)
+    assert 16 * x.itemsize >= CACHE_LINE_BYTES > x.itemsize
+
+    def run(images, upstream):
+        xt, wt = md.tensor(images, requires_grad=True), md.tensor(w, requires_grad=True)
+        y = F.conv2d(xt, wt, stride=2, padding=1)
+        y.backward(upstream)
+        return y.numpy(), xt.grad, wt.grad
+
+    whole = run(x, gy)
+    singles = [run(x[i:i + 1], gy[i:i + 1]) for i in range(16)]
+    np.testing.assert_array_equal(whole[0], np.concatenate([s[0] for s in singles]))
+    np.testing.assert_array_equal(whole[1], np.concatenate([s[1] for s in singles]))
+    np.testing.assert_allclose(whole[2], sum(s[2] for s in singles), rtol=1e-5, atol=1e-5)   # summed in another order
+
+
+def test_conv2d_gradcheck_with_a_batch_large_enough_to_skip_the_phases(rng):
+    x, w = rng.standard_normal((8, 2, 5, 7)), rng.standard_normal((3, 2, 3, 3))   # 8 float64 images: 64 bytes
+    gradcheck(lambda x, w: F.conv2d(x, w, stride=2, padding=1), [x, w])
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(2, None, 0), (3, 2, 1), (3, 1, 0)])

@@ -66,6 +66,9 @@ def _unpad_hw(x, padding):
     return x[:, :, ph:x.shape[2] - ph, pw:x.shape[3] - pw]
 
 
+CACHE_LINE_BYTES = 64
+
+
 def _batch_last(x, padding):
     """x (N, C, H, W) copied into a zero-padded (C, H + 2PH, W + 2PW, N) array: the convolution's working layout."""
     n, c, h, w = x.shape
@@ -87,11 +90,37 @@ class Conv2d(Function):
     OW positions times the N images are one contiguous run of memory (for stride 1), so the im2col copy (and
     col2im's additions in the backward) move long runs, not runs of OW values: on the small maps of the coarse
     pyramid levels (8 x 8 down to 1 x 1) that is several times faster. The price is transposing output-sized
-    arrays (N, O, OH, OW) <-> (O, OH, OW, N), small next to the columns.
+    arrays (N, O, OH, OW) <-> (O, OH, OW, N), small next to the columns. With a stride, a window's runs are only N
+    values long; for small batches the input is then split into its phases first (``_strided_columns``).
     """
 
     def __init__(self, stride, padding, groups):
         self.stride, self.padding, self.groups = stride, padding, groups
+
+    def _phase_of_tap(self, i, j):
+        """Tap (i, j) of a stride (SH, SW) kernel reads phase (i % SH, j % SW) of the input, shifted by
+        (i // SH, j // SW): x[oh*SH + i] = x[SH*(oh + i // SH) + i % SH]."""
+        (sh, sw) = self.stride
+        return (i % sh, j % sw), (i // sh, j // sw)
+
+    def _strided_columns(self, padded, kh, kw):
+        """The columns (C, KH, KW, OH, OW, N) of a strided convolution, from the input's phases.
+
+        In the batch-last layout a strided window reads runs of only N values (the images of one pixel, then a jump
+        of SW pixels). So the input is first split into its SH x SW phases, padded[:, a::SH, b::SW] (one copy of the
+        input in all); every tap then reads a stride-1 slice of one phase, runs of OW * N values.
+        """
+        (sh, sw), (c, hp, wp, n) = self.stride, padded.shape
+        oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+        xp = get_array_module(padded)
+        phases = {(a, b): xp.ascontiguousarray(padded[:, a::sh, b::sw]) for a in range(min(sh, kh))
+                  for b in range(min(sw, kw))}
+        cols = xp.empty((c, kh, kw, oh, ow, n), dtype=padded.dtype)
+        for i in range(kh):
+            for j in range(kw):
+                phase, (di, dj) = self._phase_of_tap(i, j)
+                cols[:, i, j] = phases[phase][:, di:di + oh, dj:dj + ow]         # (C, OH, OW, N)
+        return cols
 
     def forward(self, x, w, b=None):
         n = x.shape[0]
@@ -100,9 +129,18 @@ class Conv2d(Function):
         xp = get_array_module(x)
         self.x_shape, self.w_shape = x.shape, w.shape
         padded = _batch_last(x, self.padding)                                   # (C, H + 2PH, W + 2PW, N)
-        windows = window_view(padded.transpose(3, 0, 1, 2), (kh, kw), self.stride)   # (N, C, KH, KW, OH, OW)
-        oh, ow = windows.shape[-2:]
-        self.cols = windows.transpose(1, 2, 3, 4, 5, 0).reshape(g, c_per_group * kh * kw, oh * ow * n)  # a copy
+        # A strided window's runs are N values long; below one cache line (64 bytes) of them, most of each memory
+        # access is wasted, and splitting the input into phases first is faster. Measured, stride 2, 64 -> 128
+        # channels on 128 x 128: 0.87-0.97x the time for 1-8 float32 images, 1.05x for 16.
+        self.use_phases = self.stride != (1, 1) and n * x.itemsize < CACHE_LINE_BYTES
+        if not self.use_phases:
+            windows = window_view(padded.transpose(3, 0, 1, 2), (kh, kw), self.stride)   # (N, C, KH, KW, OH, OW)
+            oh, ow = windows.shape[-2:]
+            cols = windows.transpose(1, 2, 3, 4, 5, 0)                         # (C, KH, KW, OH, OW, N), a view
+        else:
+            cols = self._strided_columns(padded, kh, kw)                        # (C, KH, KW, OH, OW, N)
+            oh, ow = cols.shape[3:5]
+        self.cols = cols.reshape(g, c_per_group * kh * kw, oh * ow * n)        # copies the view; phases' as is
         self.w_mat = w.reshape(g, o // g, c_per_group * kh * kw)                # (G, O/G, C/G*KH*KW)
         y = xp.matmul(self.w_mat, self.cols)                                    # (G, O/G, L*N)
         y = xp.ascontiguousarray(y.reshape(o, oh, ow, n).transpose(3, 0, 1, 2))  # (N, O, OH, OW)
@@ -129,9 +167,20 @@ class Conv2d(Function):
             gcols = (self.w_mat.swapaxes(-1, -2) @ gy_mat).reshape(c, kh, kw, oh, ow, n)
             (sh, sw), (ph, pw) = self.stride, self.padding
             gx = xp.zeros((c, h + 2 * ph, w + 2 * pw, n), dtype=gy.dtype)      # (C, H + 2PH, W + 2PW, N)
-            for i in range(kh):
-                for j in range(kw):
-                    gx[:, i:i + sh * oh:sh, j:j + sw * ow:sw] += gcols[:, i, j]   # (C, OH, OW, N)
+            if not self.use_phases:
+                for i in range(kh):
+                    for j in range(kw):
+                        gx[:, i:i + sh * oh:sh, j:j + sw * ow:sw] += gcols[:, i, j]   # (C, OH, OW, N)
+            else:
+                # Into each phase's gradient with stride-1 slices (long runs), then each phase into its pixels.
+                phases = {(a, b): xp.zeros(gx[:, a::sh, b::sw].shape, dtype=gy.dtype) for a in range(min(sh, kh))
+                          for b in range(min(sw, kw))}
+                for i in range(kh):
+                    for j in range(kw):
+                        phase, (di, dj) = self._phase_of_tap(i, j)
+                        phases[phase][:, di:di + oh, dj:dj + ow] += gcols[:, i, j]
+                for (a, b), phase_gradient in phases.items():
+                    gx[:, a::sh, b::sw] = phase_gradient
             gx = xp.ascontiguousarray(gx[:, ph:ph + h, pw:pw + w].transpose(3, 0, 1, 2))   # (N, C, H, W)
         if len(self.needs_input_grad) == 2:
             return gx, gw
