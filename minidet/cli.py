@@ -291,7 +291,7 @@ def add_train_flags(parser):
         ("--backbone", ["resnet_small", "resnet18", "resnet34", "resnet50"], "the backbone network"),
         ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
         ("--head-norm", ["group", "none"], "normalisation in the subnets' towers"),
-        ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (see retinanet-defaults)"),
+        ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (minidet.models.PRESETS)"),
         ("--image-size", int, "without --data: the side of the shapes images, in pixels"),
         ("--checkpoint-every", int, "also write last.npz every this many steps (default: each epoch only)"),
     ]

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from minidet import backend, optim
 from minidet.checkpoint import load, save
 from minidet.data import Shapes, collate, horizontal_flip, normalize
-from minidet.models.retinanet import RetinaNet
+from minidet.models.retinanet import BACKBONES, PRESETS, RetinaNet
 from minidet.nn.init import manual_seed
 
 
@@ -118,6 +118,52 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        """Check every setting where it is set: a bad value is a ValueError that names it and what is allowed."""
+        def check(ok, name, allowed):
+            if not ok:
+                raise ValueError(f"TrainConfig: {name} must be {allowed}, got {getattr(self, name)!r}")
+
+        def whole(value, low):
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        def number(value):
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        check(self.num_classes is None or whole(self.num_classes, 1), "num_classes", "None or a whole number >= 1")
+        check(self.classes is None or (isinstance(self.classes, list | tuple) and all(
+            isinstance(name, str) and name for name in self.classes)), "classes", "None or a list of class names")
+        check(self.backbone in BACKBONES, "backbone", f"one of {sorted(BACKBONES)}")
+        check(whole(self.fpn_channels, 1), "fpn_channels", "a whole number >= 1")
+        check(self.head_norm in (None, "group"), "head_norm", 'None or "group"')
+        check(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        check(whole(self.num_images, 1), "num_images", "a whole number >= 1")
+        check(whole(self.image_size, 32), "image_size", "a whole number of pixels >= 32")
+        check(whole(self.data_seed, 0), "data_seed", "a whole number >= 0")
+        check(number(self.flip_prob) and 0 <= self.flip_prob <= 1, "flip_prob", "a probability, 0 to 1")
+        check(self.optimizer in ("sgd", "adam"), "optimizer", '"sgd" or "adam"')
+        check(whole(self.batch_size, 1), "batch_size", "a whole number >= 1")
+        check(whole(self.epochs, 1), "epochs", "a whole number >= 1")
+        check(number(self.lr) and self.lr > 0, "lr", "a number > 0 (the learning rate)")
+        check(number(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number from 0 to less than 1")
+        check(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        check(whole(self.warmup_iters, 0), "warmup_iters", "a whole number >= 0")
+        check(number(self.warmup_factor) and 0 < self.warmup_factor <= 1, "warmup_factor",
+              "a number > 0 and at most 1 (the first step's share of lr)")
+        check(self.schedule in ("step", "cosine"), "schedule", '"step" or "cosine"')
+        check(self.milestones is None or (isinstance(self.milestones, list | tuple) and all(
+            whole(m, 1) for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones))),
+              "milestones", "None or increasing step numbers >= 1")
+        check(self.clip_grad_norm is None or (number(self.clip_grad_norm) and self.clip_grad_norm > 0),
+              "clip_grad_norm", "None or a number > 0")
+        check(whole(self.seed, 0), "seed", "a whole number >= 0")
+        check(self.device in backend.DEVICES, "device", f"one of {backend.DEVICES}")
+        check(isinstance(self.out, str) and self.out != "", "out", "the path of the run folder")
+        check(whole(self.log_every, 1), "log_every", "a whole number >= 1")
+        check(self.checkpoint_every is None or whole(self.checkpoint_every, 1), "checkpoint_every",
+              "None or a whole number >= 1")
+        check(isinstance(self.progress, bool), "progress", "True or False")
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

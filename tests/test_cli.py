@@ -54,6 +54,16 @@ def test_unknown_flag_is_one_clear_line(capsys):
     assert "unrecognized arguments: --stepz" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, setting", [("--lr", "-1", "lr"), ("--batch-size", "0", "batch_size"),
+                                                  ("--clip-grad-norm", "-1", "clip_grad_norm"),
+                                                  ("--epochs", "0", "epochs")])
+def test_a_bad_training_setting_is_one_clear_line(tmp_path, capsys, flag, value, setting):
+    assert main(["train", flag, value, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"minidet train: TrainConfig: {setting} must be ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()                 # nothing was started
+
+
 def test_cuda_without_a_gpu_is_one_clear_line(tmp_path, capsys):
     from minidet import backend
     if backend.cuda_available():

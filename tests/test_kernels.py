@@ -192,7 +192,7 @@ extern "C" int label_code_background() { return BACKGROUND; }
 extern "C" int label_code_ignored() { return IGNORED; }
 """
 
-# g++ as the design notes say: no contraction into FMAs (GCC's default for C++ allows it), and the CUDA qualifiers
+# g++ rounding as the GPU build: no contraction into FMAs (GCC's default for C++ allows it), and the CUDA qualifiers
 # defined away so the .cuh files are plain C++.
 GXX_FLAGS = ["-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-shared", "-fPIC",
              "-D__host__=", "-D__device__=", "-D__forceinline__=inline"]

@@ -202,7 +202,7 @@ def test_without_positives_the_loss_is_divided_by_one_and_the_box_loss_is_zero()
 
 def test_at_initialisation_the_loss_is_about_1_13_per_positive_anchor():
     # Every probability starts at 0.01: a positive costs 0.25 * 0.99^2 * log(100) = 1.13, a negative 7.5e-7,
-    # and the loss is divided by the number of positives (retinanet-defaults.md, sanity figures).
+    # and the loss is divided by the number of positives.
     model = small_model()
     losses = model(images(), [target([[8, 8, 48, 40]], [2])])
     assert losses["num_positive"] > 0

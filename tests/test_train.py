@@ -2,6 +2,7 @@
 clipping, and the optimizer and scheduler state that resuming needs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -233,9 +234,29 @@ def test_training_batch_flips_normalises_and_pads():
     np.testing.assert_array_equal(targets[0]["boxes"], target["boxes"])
 
 
-def test_unknown_schedule_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
-        train(tiny_config(tmp_path, schedule="linear"))
+BAD_SETTINGS = [
+    ("num_classes", 0), ("classes", ["cat", ""]), ("backbone", "resnet1000"), ("fpn_channels", 0),
+    ("head_norm", "batch"), ("preset", "detectron"), ("num_images", 0), ("image_size", 16), ("data_seed", -1),
+    ("flip_prob", 1.5), ("flip_prob", float("nan")), ("optimizer", "rmsprop"), ("batch_size", 0),
+    ("batch_size", -4), ("batch_size", 2.5), ("epochs", 0), ("lr", -1.0), ("lr", 0), ("lr", float("inf")),
+    ("momentum", 1.0), ("weight_decay", -1e-4), ("warmup_iters", -1), ("warmup_factor", 0), ("warmup_factor", 2),
+    ("schedule", "linear"), ("milestones", [30, 10]), ("milestones", [0]), ("clip_grad_norm", -1.0),
+    ("clip_grad_norm", 0), ("seed", -1), ("device", "gpu"), ("out", ""), ("log_every", 0),
+    ("checkpoint_every", 0), ("progress", "yes"), ("batch_size", True),
+]
+
+
+@pytest.mark.parametrize("name, value", BAD_SETTINGS, ids=[f"{n}={v!r}" for n, v in BAD_SETTINGS])
+def test_every_setting_is_checked_where_it_is_set(name, value):
+    with pytest.raises(ValueError, match=rf"^TrainConfig: {name} must be .*, got {re.escape(repr(value))}$"):
+        TrainConfig(**{name: value})
+
+
+def test_the_defaults_and_the_edges_of_every_range_are_accepted():
+    TrainConfig()
+    TrainConfig(num_classes=1, image_size=32, flip_prob=0, momentum=0, weight_decay=0, warmup_iters=0,
+                warmup_factor=1, schedule="step", milestones=[5, 9], clip_grad_norm=0.1, checkpoint_every=1,
+                optimizer="sgd", head_norm=None, preset="torchvision", device="cuda", lr=1)
 
 
 @pytest.mark.gpu

@@ -31,7 +31,7 @@ from minidet.models.resnet import resnet18, resnet34, resnet50, resnet_small
 # ``out_channels`` gives their channels; another family (VGG, EfficientNet) is one more line here.
 BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small}
 
-# What the two presets set (the table in the design notes, retinanet-defaults.md). The anchors follow the preset
+# What the two presets set. The anchors follow the preset
 # of the same name in ``minidet.anchors``.
 PRESETS = {
     "paper": {
