@@ -48,6 +48,9 @@ from minidet.nn.init import manual_seed
 class TrainConfig:
     """Every setting of a training run. The defaults train the small model on the built-in Shapes data on a CPU.
 
+    Every setting is checked when the config is made (and when ``dataclasses.replace`` makes a new one): a value
+    outside its range is a ValueError that names the setting and what it allows.
+
     Model:
         num_classes: K; None takes the number of the dataset's ``classes``.
         classes: the K class names, saved with every checkpoint so detections can be named; None takes the
