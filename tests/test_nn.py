@@ -221,6 +221,14 @@ def test_max_pool_layer_halves_the_stem_output_as_in_a_resnet():
     np.testing.assert_array_equal(y, x[:, :, 1::2, 1::2])     # values increase along rows and columns
     assert pool.parameters() == [] and "kernel_size=3, stride=2, padding=1" in repr(pool)
 
+def test_max_pool_keeps_a_nan_and_sends_its_window_gradient_to_the_first_tap():
+    x = np.array([[[[1, 2, 3, 4], [5, np.nan, 7, 8]]]], dtype=np.float64)    # windows (2 x 2): [1 2 5 nan], [3 4 7 8]
+    t = md.tensor(x, requires_grad=True)
+    y = F.max_pool2d(t, 2)
+    np.testing.assert_array_equal(y.numpy(), [[[[np.nan, 8]]]])
+    y.sum().backward()
+    np.testing.assert_array_equal(t.grad, [[[[1, 0, 0, 0], [0, 0, 0, 1]]]])
+
 
 def test_to_float64_converts_parameters_and_float_buffers_in_place():
     block = Block()

@@ -41,19 +41,6 @@ def window_view(x, kernel, stride):
         x, shape=(n, c, kh, kw, oh, ow), strides=(s_n, s_c, s_h, s_w, s_h * sh, s_w * sw), writeable=False)
 
 
-def add_windows(gx, windows, stride):
-    """The adjoint of ``window_view`` (col2im): add ``windows`` (N, C, KH, KW, OH, OW) into ``gx`` in place.
-
-    One strided slice per kernel tap (i, j): a loop of KH * KW steps, not one per pixel.
-    """
-    (sh, sw) = stride
-    _, _, kh, kw, oh, ow = windows.shape
-    for i in range(kh):
-        for j in range(kw):
-            gx[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += windows[:, :, i, j]
-    return gx
-
-
 def _pad_hw(x, padding, value=0):
     ph, pw = padding
     if ph == pw == 0:
@@ -223,31 +210,49 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
 
 
 class MaxPool2d(Function):
+    """The max over each window, taken one kernel tap at a time.
+
+    Tap (i, j) of every window is one strided slice of the padded input, with the output's shape; the max of the
+    KH * KW slices is the output. The backward needs the tap that gave each max, the first one where several tie
+    (as torch). This way touches output-sized arrays only; gathering every window first would copy the input
+    KH * KW / (SH * SW) times.
+    """
+
     def __init__(self, kernel, stride, padding):
         self.kernel, self.stride, self.padding = kernel, stride, padding
 
+    def _taps(self, padded, oh, ow):
+        """Tap (i, j) of every window, in order: padded[:, :, oh' * SH + i, ow' * SW + j] for every output."""
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        return [padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] for i in range(kh) for j in range(kw)]
+
     def forward(self, x):
         xp = get_array_module(x)
-        n, c = x.shape[:2]
-        self.padded_shape = (n, c, x.shape[2] + 2 * self.padding[0], x.shape[3] + 2 * self.padding[1])
-        windows = window_view(_pad_hw(x, self.padding, -xp.inf), self.kernel, self.stride)
-        kh, kw, oh, ow = windows.shape[2:]
-        windows = windows.reshape(n, c, kh * kw, oh, ow)                        # (N, C, T, OH, OW), T = KH*KW taps
-        y = windows.max(axis=2)                                                 # (N, C, OH, OW)
-        # The backward needs the tap that gave each max, the first one where several tie (as torch). NumPy reduces
-        # over a middle axis quickly with max, but slowly with argmax (it copies the array first), so: weight the
-        # taps equal to the max by T, T-1, ..., 1; the largest weight w marks the first of them, tap T - w.
-        first_weights = xp.arange(kh * kw, 0, -1, dtype=xp.int16).reshape(1, 1, -1, 1, 1)   # (1, 1, T, 1, 1)
-        self.argmax = kh * kw - ((windows == y[:, :, None]) * first_weights).max(axis=2)  # (N, C, OH, OW)
+        padded = _pad_hw(x, self.padding, -xp.inf)
+        self.padded_shape = padded.shape
+        (kh, kw), (sh, sw) = self.kernel, self.stride
+        taps = self._taps(padded, (padded.shape[2] - kh) // sh + 1, (padded.shape[3] - kw) // sw + 1)
+        y = taps[0].copy()                                                      # (N, C, OH, OW)
+        for tap in taps[1:]:
+            xp.maximum(y, tap, out=y)                                           # a NaN in a window stays
+        # The first tap that reaches the max: weight tap t by T - t where it does (T taps); the largest weight w
+        # marks the first such tap, T - w. "Not below the max" rather than "equal to it", so that a window whose
+        # max is NaN sends its gradient to its first tap instead of nowhere.
+        count = len(taps)
+        first = xp.zeros(y.shape, dtype=xp.int16)
+        below = xp.empty(y.shape, dtype=bool)
+        for t, tap in enumerate(taps):
+            xp.less(tap, y, out=below)
+            xp.maximum(first, ~below * xp.int16(count - t), out=first)
+        self.argmax = count - first                                             # (N, C, OH, OW)
         return y
 
     def backward(self, gy):
+        # Each output's gradient goes to the tap that gave its max; windows overlap, so the taps add up.
         xp = get_array_module(gy)
-        kh, kw = self.kernel
-        taps = xp.arange(kh * kw).reshape(1, 1, kh, kw, 1, 1)
-        # windows[n, c, i, j, oh, ow] = gy where tap (i, j) was the max of window (oh, ow), else 0
-        windows = (self.argmax[:, :, None, None] == taps) * gy[:, :, None, None]
-        gx = add_windows(xp.zeros(self.padded_shape, dtype=gy.dtype), windows, self.stride)
+        gx = xp.zeros(self.padded_shape, dtype=gy.dtype)
+        for t, tap in enumerate(self._taps(gx, *gy.shape[2:])):
+            tap += gy * (self.argmax == t)
         return _unpad_hw(gx, self.padding)
 
 
