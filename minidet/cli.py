@@ -30,7 +30,7 @@ from minidet import anchor_report, plots
 from minidet.checkpoint import write_atomically
 from minidet.data import CocoDataset, Shapes, export_coco
 from minidet.data.coco import read_image
-from minidet.evaluate import coco_evaluate, predict_dataset, predict_images
+from minidet.evaluate import coco_evaluate, predict_dataset, predict_images, relabel_to_dataset
 from minidet.models.torchvision_weights import EPS_KEY, convert_torchvision_state_dict, torchvision_num_classes
 from minidet.train import TrainConfig, load_trained_model, train
 
@@ -45,11 +45,26 @@ def held_out_shapes(config, num_images):
     return Shapes(num_images, image_size=config.image_size, seed=config.data_seed + HELD_OUT_SEED_OFFSET)
 
 
+def coco_source(args):
+    """What ``--data FOLDER`` or ``--images DIR --annotations FILE`` name, for ``CocoDataset``; None for neither."""
+    if args.data and (args.images or args.annotations):
+        raise ValueError("give either --data FOLDER (holding images/ and annotations.json) or --images DIR "
+                         "--annotations FILE, not both")
+    if bool(args.images) != bool(args.annotations):
+        given, missing = ("--images", "--annotations FILE") if args.images else ("--annotations", "--images DIR")
+        raise ValueError(f"{given} needs {missing} too (the images folder and the COCO annotations file)")
+    if args.images:
+        return (args.images, args.annotations)
+    return args.data
+
+
 def dataset_from_args(args, config=None, held_out=False):
-    """The COCO-format folder of ``--data``, or else the built-in shapes (``held_out``: images not trained on)."""
-    if args.data:
-        dataset = CocoDataset(args.data, on_error=args.on_error)
-        print(f"data: {len(dataset)} images, {len(dataset.classes)} classes from {args.data}")
+    """The COCO-format data of ``--data`` or ``--images``/``--annotations``, or else the built-in shapes
+    (``held_out``: images not trained on)."""
+    source = coco_source(args)
+    if source is not None:
+        dataset = CocoDataset(source, on_error=args.on_error)
+        print(f"data: {len(dataset)} images, {len(dataset.classes)} classes from {dataset.annotations_path}")
         return dataset
     if held_out:
         dataset = held_out_shapes(config, args.num_images)
@@ -80,10 +95,20 @@ def image_paths(inputs):
 
 
 # --- the steps the commands share -----------------------------------------------------------------------------------
-def report_evaluation(model, config, dataset, out, batch_size, progress=True):
-    """Evaluate ``model`` on ``dataset``; write metrics.json, precision_recall.png and detections.png to ``out``."""
+def report_evaluation(model, config, dataset, out, batch_size, sizes=None, progress=True):
+    """Evaluate ``model`` on ``dataset``; write metrics.json, precision_recall.png and detections.png to ``out``.
+
+    ``sizes``: (min_size, max_size) to resize the images by; default the ones ``config`` trained with."""
     os.makedirs(out, exist_ok=True)
-    detections = predict_dataset(model, dataset, batch_size=batch_size, progress=progress)
+    min_size, max_size = sizes or (config.min_size, config.max_size)
+    trained_on = config.classes if config.classes is not None else config.num_classes
+    relabel_to_dataset([], trained_on, dataset.classes)         # other classes: stop here, before predicting
+    if config.classes is not None and list(config.classes) != list(dataset.classes):
+        print(f"the dataset lists the model's classes in another order, {list(dataset.classes)}: its detections "
+              "are matched to them by name")
+    detections = predict_dataset(model, dataset, batch_size=batch_size, min_size=min_size, max_size=max_size,
+                                 progress=progress)
+    detections = relabel_to_dataset(detections, trained_on, dataset.classes)
     result = coco_evaluate(dataset, detections)
     print(result.summary())
     write_atomically(os.path.join(out, "metrics.json"),
@@ -141,14 +166,17 @@ def make_shapes(args):
     if os.path.exists(os.path.join(args.out, "annotations.json")):
         raise FileExistsError(f"{args.out!r} already holds a dataset (annotations.json); choose another folder "
                               "or delete it")
-    dataset = Shapes(args.images, image_size=args.image_size, seed=args.seed)
+    dataset = Shapes(args.num_images, image_size=args.image_size, seed=args.seed)
     path = export_coco(dataset, args.out)
     print(f"wrote {len(dataset)} images of {args.image_size} px ({', '.join(dataset.classes)}) and {path}")
 
 
 def train_command(args):
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
-    settings = {name: value for name, value in vars(args).items() if name in fields and value is not None}
+    # A flag not given is None and leaves TrainConfig's default; --min-size and --max-size are absent when not
+    # given, so their "none" (None) is a value.
+    settings = {name: value for name, value in vars(args).items()
+                if name in fields and (value is not None or name in ("min_size", "max_size"))}
     if settings.get("head_norm") == "none":
         settings["head_norm"] = None
     config = TrainConfig(**settings, data_seed=args.seed)
@@ -165,7 +193,7 @@ def train_command(args):
 def evaluate_command(args):
     model, config = load_trained_model(args.checkpoint, device=args.device)
     dataset = dataset_from_args(args, config, held_out=True)
-    report_evaluation(model, config, dataset, args.out, batch_size=args.batch_size)
+    report_evaluation(model, config, dataset, args.out, batch_size=args.batch_size, sizes=resize_settings(args, config))
 
 
 def detect(args):
@@ -174,7 +202,8 @@ def detect(args):
     model.score_thresh = args.score_thresh
     names = config.classes or [str(k) for k in range(config.num_classes)]
     images = [read_image(path) for path in paths]
-    detections = predict_images(model, images, batch_size=args.batch_size, min_size=args.min_size)
+    min_size, max_size = resize_settings(args, config)
+    detections = predict_images(model, images, batch_size=args.batch_size, min_size=min_size, max_size=max_size)
     os.makedirs(args.out, exist_ok=True)
     records = []
     for path, image, found in zip(paths, images, detections):
@@ -261,14 +290,43 @@ def _default(name):
 
 def add_data_flags(parser, shapes_help, num_images=None):
     num_images = num_images or _default("num_images")
-    parser.add_argument("--data", metavar="FOLDER",
-                        help="a COCO-format folder (images/ and annotations.json; see make-shapes); "
-                             f"default: {shapes_help}")
-    parser.add_argument("--on-error", choices=["fail", "skip"], default="fail",
-                        help="bad annotations in --data: fail (default: stop and list them) or skip them "
-                             "(listed in a warning)")
-    parser.add_argument("--images", dest="num_images", type=int, default=num_images,
-                        help=f"without --data: how many shapes images (default: {num_images})")
+    group = parser.add_argument_group(f"data (default: {shapes_help})")
+    group.add_argument("--data", metavar="FOLDER",
+                       help="a COCO-format folder: images/ and annotations.json (see make-shapes)")
+    group.add_argument("--images", metavar="DIR",
+                       help="with --annotations: COCO's own layout, e.g. --images val2017 --annotations "
+                            "annotations/instances_val2017.json (file names may hold sub-folders of DIR)")
+    group.add_argument("--annotations", metavar="FILE", help="the COCO annotations file that goes with --images")
+    group.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                       help="bad annotations: fail (default: stop and list them) or skip them (listed in a "
+                            "warning)")
+    group.add_argument("--num-images", type=int, default=num_images,
+                       help=f"without COCO data: how many shapes images (default: {num_images})")
+
+
+def size_setting(text):
+    """A --min-size / --max-size value: a whole number of pixels, or "none"."""
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels or 'none'") from None
+
+
+def add_size_flags(parser, default_help):
+    """--min-size and --max-size: how images are resized first (TrainConfig.min_size and max_size)."""
+    parser.add_argument("--min-size", type=size_setting, default=argparse.SUPPRESS, metavar="PIXELS",
+                        help="resize each image so its shorter side is this, keeping its aspect ratio, unless "
+                             "that makes the longer side exceed --max-size; none: never enlarge "
+                             f"(default: {default_help})")
+    parser.add_argument("--max-size", type=size_setting, default=argparse.SUPPRESS, metavar="PIXELS",
+                        help=f"the longest an image's longer side may be; none: no cap (default: {default_help})")
+
+
+def resize_settings(args, config):
+    """(min_size, max_size): the flags where given, else the checkpoint's ``config``."""
+    return getattr(args, "min_size", config.min_size), getattr(args, "max_size", config.max_size)
 
 
 def add_device_flag(parser):
@@ -336,7 +394,7 @@ def build_parser():
                                         "OUT/annotations.json. Training on it gives the same model as training "
                                         "on the generator with the same seed.")
     p.add_argument("out", metavar="OUT", help="the folder to create (it must not already hold a dataset)")
-    p.add_argument("--images", type=int, default=_default("num_images"),
+    p.add_argument("--num-images", type=int, default=_default("num_images"),
                    help=f"how many images (default: {_default('num_images')})")
     p.add_argument("--image-size", type=int, default=_default("image_size"),
                    help=f"side of the images in pixels (default: {_default('image_size')})")
@@ -351,6 +409,8 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.npz, exactly where it stopped (same settings)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in --out even if it holds one")
+    add_size_flags(p, f"{_default('min_size')} and {_default('max_size')}: only images longer than "
+                      f"{_default('max_size')} px are made smaller")
     add_device_flag(p)
     add_train_flags(p)
     p.set_defaults(run=train_command)
@@ -363,6 +423,7 @@ def build_parser():
     add_data_flags(p, "held-out shapes drawn like the checkpoint's training data", num_images=200)
     p.add_argument("--out", default="runs/evaluate", help="the folder for the results (default: runs/evaluate)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    add_size_flags(p, "the checkpoint's, as it trained")
     add_device_flag(p)
     p.set_defaults(run=evaluate_command)
 
@@ -375,9 +436,7 @@ def build_parser():
     p.add_argument("--out", default="runs/detect", help="the folder for the results (default: runs/detect)")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="keep detections scoring above this (default: 0.3)")
-    p.add_argument("--min-size", type=int,
-                   help="resize each image so its shorter side is this many pixels first (default: as it is; "
-                        "use about the size the model was trained at)")
+    add_size_flags(p, "the checkpoint's, as it trained")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     add_device_flag(p)
     p.set_defaults(run=detect)

@@ -6,9 +6,9 @@ Two steps, kept apart so each can be used alone:
     coco_evaluate(dataset, detections)  detections + the dataset's boxes -> EvalResult (AP, AP50, AP75, ...)
 
 ``evaluate`` does both. Images are prepared exactly as ``train.training_batch`` prepares them (``normalize``, then
-``collate`` pads to multiples of 32), without the random flip; with ``min_size`` they are first resized by the
-paper's 800/1333 rule and the detections are mapped back to the original pixels, so the boxes are always in the
-frame of the image the dataset gave.
+``collate`` pads to multiples of 32), without the random flip; with ``min_size`` or ``max_size`` they are first
+resized as in training (``minidet.data.transforms.resize_factor``) and the detections are mapped back to the
+original pixels, so the boxes are always in the frame of the image the dataset gave.
 
 The metric is COCO's, computed by pycocotools itself (not re-implemented): for each class, detections of all images
 are sorted by score and matched greedily to unmatched ground-truth boxes at an IoU threshold; precision is made
@@ -27,10 +27,6 @@ from tqdm import tqdm
 from minidet import backend
 from minidet.boxes import clip_boxes
 from minidet.data.transforms import batches, collate, normalize, resize, scale_boxes_back
-
-# The paper resizes to a shorter side of 800 with the longer side at most 1333; with only ``min_size`` given, the
-# cap keeps that ratio.
-MAX_TO_MIN_RATIO = 1333 / 800
 
 
 # --- prediction -----------------------------------------------------------------------------------------------------
@@ -65,10 +61,10 @@ def predict_images(model, images, batch_size=8, min_size=None, max_size=None):
             or a GPU; its mode is left as it was.
         images: a list of N (3, H_i, W_i) float32 arrays in [0, 1], not normalised.
         batch_size: how many images go through the network at once.
-        min_size, max_size: if ``min_size`` is given, each image is resized first so its shorter side is
-            ``min_size`` pixels, unless its longer side would then exceed ``max_size`` (default
-            ``round(min_size * 1333 / 800)``, the paper's ratio). None (default): the images are used as they are,
-            as ``train`` uses them.
+        min_size, max_size: each image is first resized so its shorter side is ``min_size`` pixels, unless its
+            longer side would then exceed ``max_size``; without ``min_size``, only images longer than ``max_size``
+            are made smaller (see ``resize_factor``). Give the values the model was trained with (a checkpoint's
+            ``config.min_size`` and ``config.max_size``); None and None (default): the images as they are.
 
     Returns:
         a list of N dicts {"boxes": (D_i, 4) float32 (x1, y1, x2, y2) in pixels of image i, inside it;
@@ -76,10 +72,6 @@ def predict_images(model, images, batch_size=8, min_size=None, max_size=None):
     """
     if batch_size < 1:
         raise ValueError(f"predict_images: batch_size must be at least 1, got {batch_size}")
-    if min_size is None and max_size is not None:
-        raise ValueError("predict_images: max_size only caps the resize that min_size asks for; give min_size too")
-    if min_size is not None and max_size is None:
-        max_size = round(min_size * MAX_TO_MIN_RATIO)
     device = _model_device(model)
     no_boxes = np.zeros((0, 4), dtype=np.float32)
     no_labels = np.zeros(0, dtype=np.int64)
@@ -90,9 +82,7 @@ def predict_images(model, images, batch_size=8, min_size=None, max_size=None):
             image = np.asarray(image)
             _check_image(image, index)
             original_sizes.append(image.shape[1:])
-            scale = (1.0, 1.0)
-            if min_size is not None:
-                image, _, scale = resize(image, no_boxes, min_size, max_size)
+            image, _, scale = resize(image, no_boxes, min_size, max_size)
             scales.append(scale)
             prepared.append((normalize(image), {"boxes": no_boxes, "labels": no_labels}))
         batch, _, image_sizes = collate(prepared)                       # (n, 3, H, W), H and W multiples of 32
@@ -131,6 +121,43 @@ def predict_dataset(model, dataset, batch_size=8, min_size=None, max_size=None, 
     finally:
         bar.close()
     return detections
+
+
+def relabel_to_dataset(detections, model_classes, dataset_classes):
+    """Detections whose labels are the model's, with labels that are the dataset's, matched by class name.
+
+    A model's label k means its k-th class; a dataset may list the same classes in another order (a COCO file's
+    categories sorted by other ids), and then label k must be renamed before scoring, or a correct "cat" detection
+    counts as a wrong "dog". Classes that are not the same set cannot be scored at all.
+
+    Args:
+        detections: dicts with "labels" (D,) in 0..K-1 of ``model_classes``.
+        model_classes, dataset_classes: the K class names of each, or None where only a count is known
+            (``model_classes`` may then be an int K).
+
+    Returns:
+        the detections with "labels" in the dataset's numbering (the same list when the orders agree).
+
+    Raises:
+        ValueError: the two are not the same classes (named in the message).
+    """
+    if model_classes is None or isinstance(model_classes, int) or dataset_classes is None:
+        count = model_classes if isinstance(model_classes, int) else None
+        if count is not None and dataset_classes is not None and count != len(dataset_classes):
+            raise ValueError(f"the model has {count} classes and the dataset {len(dataset_classes)}; evaluate on "
+                             "data with the classes the model was trained on")
+        return detections
+    model_classes, dataset_classes = list(model_classes), list(dataset_classes)
+    if model_classes == dataset_classes:
+        return detections
+    if sorted(model_classes) != sorted(dataset_classes) or len(set(model_classes)) != len(model_classes):
+        only_model = sorted(set(model_classes) - set(dataset_classes))
+        only_data = sorted(set(dataset_classes) - set(model_classes))
+        raise ValueError(f"the model was trained on the classes {model_classes} and the dataset has "
+                         f"{dataset_classes} (only the model's: {only_model}; only the dataset's: {only_data}); "
+                         "evaluate on data with the classes the model was trained on")
+    to_dataset = np.array([dataset_classes.index(name) for name in model_classes], dtype=np.int64)   # (K,)
+    return [{**found, "labels": to_dataset[found["labels"]]} for found in detections]
 
 
 # --- the COCO metric ------------------------------------------------------------------------------------------------
@@ -327,4 +354,4 @@ def evaluate(model, dataset, batch_size=8, min_size=None, max_size=None, progres
     return coco_evaluate(dataset, detections), detections
 
 
-__all__ = ["EvalResult", "predict_images", "predict_dataset", "coco_evaluate", "evaluate"]
+__all__ = ["EvalResult", "predict_images", "predict_dataset", "relabel_to_dataset", "coco_evaluate", "evaluate"]

@@ -25,6 +25,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from minidet import backend
+from minidet.data.transforms import resize
 
 # pycocotools' IoU thresholds 0.50, 0.55, ..., 0.95: the first axis of its precision array.
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -284,8 +285,15 @@ def plot_detection_grid(images, detections, class_names, path, targets=None, sco
     return _save(fig, path, dpi=100)
 
 
-def save_detections(image, detections, class_names, path, score_thresh=0.3):
-    """Save one image with its detections as a PNG of the image's own size: W x H pixels for a (3, H, W) image.
+# A picture this many pixels on its longer side is drawn in under a second; a 4000 x 3000 photo drawn at its own
+# size took 15 s.
+MAX_PICTURE_SIDE = 1024
+
+
+def save_detections(image, detections, class_names, path, score_thresh=0.3, max_side=MAX_PICTURE_SIDE):
+    """Save one image with its detections as a PNG of the image's own size: W x H pixels for a (3, H, W) image,
+    or, for an image longer than ``max_side``, the image shrunk (and its boxes with it) to ``max_side`` on its
+    longer side.
 
     The image fills the whole picture (no margins, no title), one pixel of the PNG per pixel of the image, so
     the boxes can be compared with the image's pixels (what ``minidet detect`` writes).
@@ -296,11 +304,17 @@ def save_detections(image, detections, class_names, path, score_thresh=0.3):
         class_names: the K class names.
         path: where to write the PNG.
         score_thresh: detections scoring below this are not drawn.
+        max_side: the longest side of the picture, in pixels.
 
     Returns:
         the path written, a str.
     """
-    height, width = _image_hwc(image).shape[:2]
+    image = backend.to_numpy(image)
+    height, width = image.shape[-2:]
+    if max(height, width) > max_side:
+        image, boxes, _ = resize(image, backend.to_numpy(detections["boxes"]), None, max_side)
+        detections = {**detections, "boxes": boxes}
+        height, width = image.shape[-2:]
     dpi = 100
     # A figure of W/dpi x H/dpi inches saved at dpi dots per inch is W x H pixels. No layout engine and no
     # bbox_inches="tight": either would change the size.

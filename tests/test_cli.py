@@ -11,9 +11,12 @@ import pytest
 
 import minidet as md
 from minidet.cli import build_parser, main
+from minidet.data import read_image
+from minidet.evaluate import predict_images
+from minidet.train import load_trained_model
 
 TINY_DEMO = ["--train-images", "8", "--val-images", "4", "--epochs", "1", "--image-size", "64"]
-TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--image-size", "64", "--images", "6"]
+TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--image-size", "64", "--num-images", "6"]
 
 
 def read_png(path):
@@ -75,7 +78,7 @@ def test_cuda_without_a_gpu_is_one_clear_line(tmp_path, capsys):
 
 
 def test_training_on_a_make_shapes_folder_equals_training_on_the_generator(tmp_path):
-    assert main(["make-shapes", str(tmp_path / "data"), "--images", "6", "--image-size", "64", "--seed", "3"]) == 0
+    assert main(["make-shapes", str(tmp_path / "data"), "--num-images", "6", "--image-size", "64", "--seed", "3"]) == 0
     assert main(["train", "--data", str(tmp_path / "data"), *TINY_TRAIN, "--seed", "3",
                  "--out", str(tmp_path / "from_folder")]) == 0
     assert main(["train", *TINY_TRAIN, "--seed", "3", "--out", str(tmp_path / "from_generator")]) == 0
@@ -88,8 +91,8 @@ def test_training_on_a_make_shapes_folder_equals_training_on_the_generator(tmp_p
 
 
 def test_make_shapes_does_not_overwrite_a_dataset(tmp_path, capsys):
-    assert main(["make-shapes", str(tmp_path), "--images", "2", "--image-size", "32"]) == 0
-    assert main(["make-shapes", str(tmp_path), "--images", "2", "--image-size", "32"]) == 1
+    assert main(["make-shapes", str(tmp_path), "--num-images", "2", "--image-size", "32"]) == 0
+    assert main(["make-shapes", str(tmp_path), "--num-images", "2", "--image-size", "32"]) == 1
     assert "already holds a dataset" in capsys.readouterr().err
 
 
@@ -108,13 +111,13 @@ def test_train_refuses_to_replace_a_run_but_resumes_it(tmp_path, capsys):
 def test_evaluate_and_detect_a_trained_checkpoint(tmp_path, capsys):
     assert main(["train", *TINY_TRAIN, "--out", str(tmp_path / "run")]) == 0
     checkpoint = str(tmp_path / "run" / "last.npz")
-    assert main(["evaluate", checkpoint, "--images", "3", "--out", str(tmp_path / "eval")]) == 0
+    assert main(["evaluate", checkpoint, "--num-images", "3", "--out", str(tmp_path / "eval")]) == 0
     out = capsys.readouterr().out
     assert "held-out shapes images of 64 px" in out and "AP50" in out
     assert read_png(tmp_path / "eval" / "precision_recall.png").size > 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["ap"] >= 0
 
-    assert main(["make-shapes", str(tmp_path / "data"), "--images", "2", "--image-size", "64"]) == 0
+    assert main(["make-shapes", str(tmp_path / "data"), "--num-images", "2", "--image-size", "64"]) == 0
     assert main(["detect", checkpoint, str(tmp_path / "data" / "images"), "--score-thresh", "0.05",
                  "--out", str(tmp_path / "det")]) == 0
     records = json.loads((tmp_path / "det" / "detections.json").read_text())
@@ -136,7 +139,7 @@ def test_detect_and_evaluate_name_missing_files_in_one_line(tmp_path, capsys):
 
 
 def test_inspect_anchors_reports_the_unmatchable_share_and_draws(tmp_path, capsys):
-    assert main(["inspect-anchors", "--images", "4", "--image-size", "64", "--out", str(tmp_path)]) == 0
+    assert main(["inspect-anchors", "--num-images", "4", "--image-size", "64", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"unmatchable \(best IoU < 0.5\): \d+ of \d+ boxes", out)
     assert read_png(tmp_path / "anchor_report.png").size > 0
@@ -216,3 +219,94 @@ def test_convert_writes_a_checkpoint_that_loads(torchvision, tmp_path, capsys):
                                       tv_model.backbone.fpn.inner_blocks[2][0].weight.detach().numpy())
         np.testing.assert_array_equal(model.backbone.layer4[2].bn3.running_var,
                                       tv_model.backbone.body.layer4[2].bn3.running_var.numpy())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A checkpoint trained one step on shapes of 64 px, and a COCO-format folder of 3 such images."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    assert main(["train", *TINY_TRAIN, "--out", str(root / "run")]) == 0
+    assert main(["make-shapes", str(root / "data"), "--num-images", "3", "--image-size", "64"]) == 0
+    return root / "run" / "last.npz", root / "data"
+
+
+def test_the_coco_layout_images_and_annotations_apart(tmp_path, tiny_run, capsys):
+    checkpoint, data = tiny_run
+    # COCO's own layout: the images in a folder of their own, file names with a sub-folder, the JSON elsewhere.
+    coco = json.loads((data / "annotations.json").read_text())
+    (tmp_path / "val2017" / "part").mkdir(parents=True)
+    for entry in coco["images"]:
+        (tmp_path / "val2017" / "part" / entry["file_name"]).write_bytes((data / "images" / entry["file_name"])
+                                                                         .read_bytes())
+        entry["file_name"] = "part/" + entry["file_name"]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(coco))
+    layout = ["--images", str(tmp_path / "val2017"), "--annotations",
+              str(tmp_path / "annotations" / "instances_val2017.json")]
+    assert main(["evaluate", str(checkpoint), *layout, "--out", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    assert (json.loads((tmp_path / "a" / "metrics.json").read_text())
+            == json.loads((tmp_path / "b" / "metrics.json").read_text()))
+    assert main(["inspect-anchors", *layout, "--out", str(tmp_path / "c")]) == 0
+
+    for args, message in [(layout[:2], "--images needs --annotations FILE too"),
+                          (layout[2:], "--annotations needs --images DIR too"),
+                          (["--data", str(data), *layout], "give either --data FOLDER")]:
+        assert main(["evaluate", str(checkpoint), *args, "--out", str(tmp_path / "d")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("minidet evaluate: ") and message in err and err.count("\n") == 1, err
+
+
+def test_evaluate_matches_classes_by_name_and_refuses_other_classes(tmp_path, tiny_run, capsys):
+    checkpoint, data = tiny_run
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "same")]) == 0
+    coco = json.loads((data / "annotations.json").read_text())
+    # The same classes listed in another order: category ids reversed, so label k is another class.
+    new_id = {c["id"]: 5 - c["id"] for c in coco["categories"]}
+    for c in coco["categories"]:
+        c["id"] = new_id[c["id"]]
+    for a in coco["annotations"]:
+        a["category_id"] = new_id[a["category_id"]]
+    (tmp_path / "reordered.json").write_text(json.dumps(coco))
+    assert main(["evaluate", str(checkpoint), "--images", str(data / "images"), "--annotations",
+                 str(tmp_path / "reordered.json"), "--out", str(tmp_path / "reordered")]) == 0
+    assert "another order" in capsys.readouterr().out
+    same, reordered = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("same", "reordered"))
+    assert same["ap"] == reordered["ap"] and same["per_class_ap"] == reordered["per_class_ap"]
+
+    coco["categories"][0]["name"] = "dog"
+    (tmp_path / "other.json").write_text(json.dumps(coco))
+    assert main(["evaluate", str(checkpoint), "--images", str(data / "images"), "--annotations",
+                 str(tmp_path / "other.json"), "--out", str(tmp_path / "other")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("minidet evaluate: the model was trained on the classes") and "'dog'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "other" / "metrics.json").exists()
+
+
+def test_size_flags_resize_and_detections_stay_in_original_pixels(tmp_path, tiny_run, capsys):
+    checkpoint, data = tiny_run
+    model, saved = load_trained_model(checkpoint)
+    assert (saved.min_size, saved.max_size) == (None, 512)                  # the defaults, saved with the run
+    big = np.kron(matplotlib.image.imread(data / "images" / "000000.png")[:, :, :3], np.ones((3, 5, 1)))  # 192x320
+    matplotlib.image.imsave(tmp_path / "big.png", big)
+    image = read_image(tmp_path / "big.png")
+    model.score_thresh = 0.01
+    for flags, sizes in [([], (None, 512)), (["--max-size", "64"], (None, 64)),
+                         (["--min-size", "32", "--max-size", "none"], (32, None))]:
+        assert main(["detect", str(checkpoint), str(tmp_path / "big.png"), "--score-thresh", "0.01",
+                     "--out", str(tmp_path / "det"), *flags]) == 0
+        found = json.loads((tmp_path / "det" / "detections.json").read_text())[0]["detections"]
+        expected, = predict_images(model, [image], min_size=sizes[0], max_size=sizes[1])
+        assert len(found) == len(expected["boxes"]) > 0
+        np.testing.assert_allclose([d["box"] for d in found], expected["boxes"], atol=0.006)
+        boxes = expected["boxes"]
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= 320).all() and (boxes[:, [1, 3]] <= 192).all()
+        if flags:      # resized to at most 64 px wide, then mapped back to the 320 px of the original
+            assert boxes[:, 2].max() > 64
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["detect", str(checkpoint), str(tmp_path / "big.png"), "--max-size", "big"])
+    assert "'big' is not a whole number of pixels or 'none'" in capsys.readouterr().err
+    assert main(["train", *TINY_TRAIN, "--min-size", "600", "--max-size", "500", "--out", str(tmp_path / "r")]) == 1
+    assert "TrainConfig: min_size must be at most max_size (500), got 600" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from minidet.data import Shapes, batches, collate, horizontal_flip, normalize, resize, resize_image, scale_boxes_back
+from minidet.data.transforms import resize_factor
 
 
 @pytest.mark.reference
@@ -35,6 +36,35 @@ def test_resize_rule_and_boxes():
     assert out.shape == (3, 666, 1333)
     assert scale == (1333 / 200, 666 / 100)
     np.testing.assert_allclose(scale_boxes_back(resize(image, boxes, 800, 1333)[1], scale), boxes, rtol=1e-6)
+
+
+def test_resize_factor_with_either_size_left_out():
+    assert resize_factor(100, 200, 50, 1000) == 0.5                 # the shorter side to min_size
+    assert resize_factor(100, 200, 800, 1333) == 1333 / 200         # unless the longer side would pass max_size
+    assert resize_factor(100, 200, None, 150) == 0.75               # no min_size: only ever smaller ...
+    assert resize_factor(100, 200, None, 400) == 1.0                # ... and only when longer than max_size
+    assert resize_factor(100, 200, 300, None) == 3.0                # no max_size: no cap
+    assert resize_factor(100, 200, None, None) == 1.0
+
+
+def test_resize_to_the_same_size_returns_the_image_itself():
+    image = np.zeros((3, 100, 200), dtype=np.float32)
+    out, boxes, scale = resize(image, [[1, 2, 3, 4]], None, 512)
+    assert out is image and scale == (1.0, 1.0) and boxes.dtype == np.float32
+    np.testing.assert_array_equal(boxes, [[1, 2, 3, 4]])
+
+
+def test_resize_round_trips_boxes_whatever_the_sizes():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        height, width = rng.integers(8, 500, size=2)
+        x1, x2 = np.sort(rng.uniform(0, width, 2))
+        y1, y2 = np.sort(rng.uniform(0, height, 2))
+        boxes = np.array([[x1, y1, x2, y2]], dtype=np.float32)
+        min_size, max_size = int(rng.integers(8, 300)), int(rng.integers(300, 600))
+        out, scaled, scale = resize(np.zeros((3, height, width), np.float32), boxes, min_size, max_size)
+        assert out.shape[1:] == (round(height * scale[1]), round(width * scale[0]))
+        np.testing.assert_allclose(scale_boxes_back(scaled, scale), boxes, rtol=1e-6, atol=1e-4)
 
 
 def test_flip_twice_is_identity_and_moves_boxes():

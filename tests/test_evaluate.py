@@ -10,7 +10,7 @@ import pytest
 from minidet import nn
 from minidet.backend import to_numpy
 from minidet.data import Shapes, collate, normalize, resize_image
-from minidet.evaluate import EvalResult, coco_evaluate, evaluate, predict_dataset, predict_images
+from minidet.evaluate import EvalResult, coco_evaluate, evaluate, predict_dataset, predict_images, relabel_to_dataset
 from minidet.models.retinanet import RetinaNet
 from minidet.nn.init import manual_seed
 
@@ -195,9 +195,9 @@ def test_predict_images_prepares_like_training_and_maps_boxes_back():
     model = FractionModel()
     images = [np.random.default_rng(i).random((3, *size), dtype=np.float32) for i, size in
               enumerate([(30, 50), (45, 20)])]
-    detections = predict_images(model, images, min_size=60)
-    # Image 0: shorter side 30 -> 60, scale 2 (the longer side, 100, is under the default cap round(60 * 1333 / 800)
-    # = 100). Image 1: 20 -> 60 would make the longer side 135 > 100, so the longer side is capped at 100: 100 x 44.
+    detections = predict_images(model, images, min_size=60, max_size=100)
+    # Image 0: shorter side 30 -> 60, scale 2 (the longer side, 100, is just under the cap). Image 1: 20 -> 60 would
+    # make the longer side 135 > 100, so the longer side is capped at 100: 100 x 44.
     (batch, sizes), = model.calls
     assert sizes == [(60, 100), (100, 44)]
     assert batch.shape == (2, 3, 128, 128) and batch.dtype == np.float32           # padded to multiples of 32
@@ -246,9 +246,16 @@ def test_predict_images_rejects_bad_images():
         predict_images(model, [np.zeros((3, 32, 32), dtype=np.uint8)])
     with pytest.raises(ValueError, match="values in \\[0, 255\\]; expected \\[0, 1\\]"):
         predict_images(model, [np.linspace(0, 255, 3 * 32 * 32, dtype=np.float32).reshape(3, 32, 32)])
-    with pytest.raises(ValueError, match="give min_size too"):
-        predict_images(model, [np.zeros((3, 32, 32), dtype=np.float32)], max_size=100)
     assert model.calls == []
+
+
+def test_max_size_alone_only_shrinks_the_images_longer_than_it():
+    model = FractionModel()
+    sizes = [(40, 70), (300, 200)]
+    detections = predict_images(model, [np.zeros((3, *size), dtype=np.float32) for size in sizes], max_size=100)
+    assert model.calls[0][1] == [(40, 70), (100, 67)]                  # 300 x 200 -> longer side 100
+    for det, size in zip(detections, sizes):
+        np.testing.assert_allclose(det["boxes"], expected_fraction_box(*size), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +286,10 @@ def test_real_model_resize_to_own_size_changes_nothing(tiny_model):
     image = np.random.default_rng(1).random((3, 64, 96), dtype=np.float32)
     plain, = predict_images(tiny_model, [image])
     resized, = predict_images(tiny_model, [image], min_size=64)        # shorter side already 64: scale 1
+    capped, = predict_images(tiny_model, [image], max_size=96)         # longer side already 96: scale 1
     for key in ("boxes", "scores", "labels"):
         np.testing.assert_array_equal(resized[key], plain[key])
+        np.testing.assert_array_equal(capped[key], plain[key])
 
 
 def test_real_model_images_of_different_sizes_in_one_batch(tiny_model):
@@ -306,3 +315,15 @@ def test_evaluate_is_predict_then_score(tiny_model):
             np.testing.assert_array_equal(det[key], again[key])
     assert result.to_dict() == coco_evaluate(dataset, predicted).to_dict()
     assert 0 <= result.ap <= 1 and 0 <= result.ap50 <= 1
+
+
+def test_relabel_to_dataset_maps_by_name_and_refuses_other_classes():
+    found = [{"boxes": np.zeros((3, 4), np.float32), "labels": np.array([0, 2, 1])}]
+    assert relabel_to_dataset(found, ["a", "b", "c"], ("a", "b", "c")) is found
+    relabelled, = relabel_to_dataset(found, ["a", "b", "c"], ("c", "a", "b"))
+    assert relabelled["labels"].tolist() == [1, 0, 2] and found[0]["labels"].tolist() == [0, 2, 1]
+    assert relabel_to_dataset(found, 3, ("x", "y", "z")) is found           # only a count is known: it agrees
+    with pytest.raises(ValueError, match="the model has 2 classes and the dataset 3"):
+        relabel_to_dataset(found, 2, ("x", "y", "z"))
+    with pytest.raises(ValueError, match=r"only the model's: \['b'\]; only the dataset's: \['d'\]"):
+        relabel_to_dataset(found, ["a", "b", "c"], ("a", "d", "c"))

@@ -117,6 +117,15 @@ def test_save_detections_is_the_size_of_the_image(tmp_path, height, width):
     assert pixels.shape[:2] == (height, width)
 
 
+def test_save_detections_shrinks_a_large_image_and_its_boxes(tmp_path):
+    image = np.zeros((3, 60, 100), dtype=np.float32)
+    detections = {"boxes": np.array([[50, 0, 100, 60]], np.float32), "scores": np.array([0.9], np.float32),
+                  "labels": np.array([0])}
+    pixels = read_png(plots.save_detections(image, detections, CLASSES, tmp_path / "big.png", max_side=50))
+    assert pixels.shape[:2] == (30, 50)
+    # The box covers the right half of the image: drawn there in the small picture, nothing in the left half.
+    assert pixels[:, 30:, :3].max() > 0.2 and pixels[5:25, 2:20, :3].max() == 0
+
 def test_save_detections_without_detections_shows_the_image(tmp_path):
     image, _, _ = image_and_detections()
     pixels = read_png(plots.save_detections(image, no_detections(), CLASSES, tmp_path / "empty.png"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minidet import backend, load, nn, optim
-from minidet.data import Shapes
+from minidet.data import Shapes, resize_image
 from minidet.data.shapes import CLASSES as SHAPE_CLASSES
 from minidet.train import (
     TrainConfig,
@@ -234,6 +234,21 @@ def test_training_batch_flips_normalises_and_pads():
     np.testing.assert_array_equal(targets[0]["boxes"], target["boxes"])
 
 
+def test_training_batch_resizes_each_image_and_its_boxes():
+    dataset = Shapes(2, image_size=40, seed=3)
+    items = [dataset[0], (dataset[1][0][:, :, :20], {"boxes": np.array([[2, 4, 10, 30]], np.float32),
+                                                      "labels": np.array([1])})]         # 40 x 20
+    images, targets = training_batch(items, np.random.default_rng(0), 0.0, "cpu", min_size=80, max_size=100)
+    # 40 x 40 -> 80 x 80 (scale 2); 40 x 20 -> 100 x 50, its longer side capped (scale 2.5)
+    assert images.shape == (2, 3, 128, 96)
+    np.testing.assert_array_equal(targets[0]["boxes"], items[0][1]["boxes"] * 2)
+    np.testing.assert_array_equal(targets[1]["boxes"], [[5, 10, 25, 75]])
+    mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+    np.testing.assert_allclose(images[1, :, :100, :50], (resize_image(items[1][0], (100, 50)) - mean) / std,
+                               rtol=1e-5, atol=1e-6)
+    assert (images[1, :, :, 50:] == 0).all()
+
+
 BAD_SETTINGS = [
     ("num_classes", 0), ("classes", ["cat", ""]), ("backbone", "resnet1000"), ("fpn_channels", 0),
     ("head_norm", "batch"), ("preset", "detectron"), ("num_images", 0), ("image_size", 16), ("data_seed", -1),
@@ -242,7 +257,8 @@ BAD_SETTINGS = [
     ("momentum", 1.0), ("weight_decay", -1e-4), ("warmup_iters", -1), ("warmup_factor", 0), ("warmup_factor", 2),
     ("schedule", "linear"), ("milestones", [30, 10]), ("milestones", [0]), ("clip_grad_norm", -1.0),
     ("clip_grad_norm", 0), ("seed", -1), ("device", "gpu"), ("out", ""), ("log_every", 0),
-    ("checkpoint_every", 0), ("progress", "yes"), ("batch_size", True),
+    ("checkpoint_every", 0), ("progress", "yes"), ("batch_size", True), ("min_size", 4), ("max_size", 16),
+    ("max_size", 512.0),
 ]
 
 
@@ -254,6 +270,8 @@ def test_every_setting_is_checked_where_it_is_set(name, value):
 
 def test_the_defaults_and_the_edges_of_every_range_are_accepted():
     TrainConfig()
+    TrainConfig(min_size=None, max_size=None)
+    TrainConfig(min_size=8, max_size=32)
     TrainConfig(num_classes=1, image_size=32, flip_prob=0, momentum=0, weight_decay=0, warmup_iters=0,
                 warmup_factor=1, schedule="step", milestones=[5, 9], clip_grad_norm=0.1, checkpoint_every=1,
                 optimizer="sgd", head_norm=None, preset="torchvision", device="cuda", lr=1)

@@ -14,9 +14,11 @@ from minidet.data.transforms import (
     horizontal_flip,
     normalize,
     resize,
+    resize_factor,
     resize_image,
     scale_boxes_back,
 )
 
 __all__ = ["Shapes", "CocoDataset", "export_coco", "read_image", "write_json", "csv_to_coco", "voc_to_coco",
-           "batches", "collate", "horizontal_flip", "normalize", "resize", "resize_image", "scale_boxes_back"]
+           "batches", "collate", "horizontal_flip", "normalize", "resize", "resize_factor",
+           "resize_image", "scale_boxes_back"]

@@ -5,7 +5,8 @@ with a pixel ``(row, col)`` covering ``[col, col + 1) x [row, row + 1)`` (so an 
 over the whole image is ``(0, 0, W, H)``). The model wants a batch ``(N, 3, H, W)`` whose H and W are multiples of
 32, the stride of the coarsest feature map it pools down to; ``collate`` pads to that.
 
-The usual order for training: ``resize`` -> ``horizontal_flip`` (half the time) -> ``normalize`` -> ``collate``.
+The order in training (``minidet.train.training_batch``): ``resize`` -> ``horizontal_flip`` (half the time) ->
+``normalize`` -> ``collate``.
 At test time keep the ``scale`` that ``resize`` returns, and map the detections back to the original pixels with
 ``scale_boxes_back``.
 """
@@ -58,26 +59,42 @@ def resize_image(image, size):
     return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx                         # (C, h, w)
 
 
+def resize_factor(height, width, min_size=None, max_size=None):
+    """The factor ``resize`` scales an H x W image by: the shorter side becomes ``min_size``, unless that makes the
+    longer side exceed ``max_size``, in which case the longer side becomes ``max_size`` (the paper's rule, 800 and
+    1333, and torchvision's ``GeneralizedRCNNTransform``).
+
+    Either may be None: without ``min_size`` an image is only ever made smaller, when its longer side exceeds
+    ``max_size``; without ``max_size`` there is no cap; without both the factor is 1.
+    """
+    factors = [1.0] if min_size is None else [min_size / min(height, width)]
+    if max_size is not None:
+        factors.append(max_size / max(height, width))
+    return min(factors)
+
+
 def resize(image, boxes, min_size=800, max_size=1333):
-    """Resize so the shorter side is ``min_size``, unless that makes the longer side exceed ``max_size``, in
-    which case the longer side is ``max_size`` (the paper's 800/1333 rule). Boxes are scaled with the image.
+    """Resize by ``resize_factor`` (keeping the aspect ratio) and scale the boxes with the image.
 
     Args:
         image: (3, H, W) float32.
         boxes: (G, 4) as (x1, y1, x2, y2) in pixels of ``image``.
-        min_size, max_size: target shorter side and cap on the longer side, in pixels.
+        min_size, max_size: target shorter side and cap on the longer side, in pixels; either may be None (see
+            ``resize_factor``).
 
     Returns:
         (image (3, h, w) float32, boxes (G, 4) float32 in pixels of the new image, scale), where
         ``scale = (w / W, h / H)`` is the (x, y) factor each coordinate was multiplied by. The two differ slightly
         because h and w are rounded to whole pixels; pass ``scale`` to ``scale_boxes_back`` to undo the resize.
+        When h and w come out as H and W, the image itself is returned and ``scale`` is (1.0, 1.0).
     """
     height, width = image.shape[-2:]
-    factor = min(min_size / min(height, width), max_size / max(height, width))
+    factor = resize_factor(height, width, min_size, max_size)
     new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    if (new_h, new_w) == (height, width):
+        return image, scale_boxes(boxes, 1.0), (1.0, 1.0)
     scale = (new_w / width, new_h / height)
-    resized = resize_image(image, (new_h, new_w))
-    return resized, scale_boxes(boxes, scale), scale
+    return resize_image(image, (new_h, new_w)), scale_boxes(boxes, scale), scale
 
 
 def scale_boxes(boxes, scale):
@@ -177,5 +194,5 @@ def batches(dataset, batch_size, shuffle=False, seed=0, drop_last=False):
         yield [dataset[int(i)] for i in order[start:start + batch_size]]
 
 
-__all__ = ["resize", "resize_image", "scale_boxes", "scale_boxes_back", "horizontal_flip", "normalize", "collate",
-           "batches", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["resize", "resize_factor", "resize_image", "scale_boxes", "scale_boxes_back", "horizontal_flip",
+           "normalize", "collate", "batches", "IMAGENET_MEAN", "IMAGENET_STD"]
