@@ -26,13 +26,15 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from minidet.anchors import AnchorGenerator
+from minidet.anchors import DEFAULT_ASPECT_RATIOS, AnchorGenerator
 from minidet.boxes import box_iou
+from minidet.data.transforms import resize, resized_size, scale_boxes
 from minidet.matching import match_anchors
 from minidet.models.retinanet import BACKGROUND_IOU, POSITIVE_IOU, SIZE_DIVISOR
 from minidet.models.retinanet import PRESETS as MODEL_PRESETS
 
-__all__ = ["AnchorStats", "anchor_statistics", "plot_anchor_report", "plot_matched_anchors"]
+__all__ = ["AnchorStats", "AnchorFit", "anchor_statistics", "fit_anchors", "plot_anchor_report",
+           "plot_matched_anchors"]
 
 # From this share of unmatchable boxes on, the summary suggests changes: a few boxes lost to odd shapes are
 # normal, a twentieth of the data never trained on is not.
@@ -40,6 +42,9 @@ HIGH_SHARE = 0.05
 # Anchors per IoU computation: box_iou's temporaries take about 45 bytes per (anchor, box) pair, so 4096 anchors
 # against 100 boxes need about 18 MB, where all 150,000 anchors of an 800 x 1333 image would need 700 MB.
 CHUNK_SIZE = 4096
+# fit_anchors scores its choices on at most this many images, and picks the three aspect ratios from these sets.
+FIT_MAX_IMAGES = 500
+FIT_RATIO_SETS = ((0.5, 1.0, 2.0), (1 / 3, 1.0, 3.0), (0.25, 1.0, 4.0))
 # One colour per pyramid level (P3 first), shared by both pictures.
 LEVEL_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 
@@ -152,16 +157,22 @@ class AnchorStats:
         return "\n".join(lines)
 
 
-def anchor_statistics(dataset, preset="paper", size_divisor=SIZE_DIVISOR, max_images=None):
+def anchor_statistics(dataset, preset="paper", anchor_sizes=None, aspect_ratios=None, min_size=None, max_size=None,
+                      size_divisor=SIZE_DIVISOR, max_images=None):
     """Each ground-truth box's best IoU with the anchors RetinaNet would use for its image.
 
-    Each image is padded to a multiple of ``size_divisor`` on its own (as ``collate`` pads a batch of one), and
-    gets the anchors of the model for that size: the same ``AnchorGenerator``, on feature maps of
-    ceil(H / stride) x ceil(W / stride), what the stride-2 convolutions of the backbone and the pyramid give.
+    Each image is first resized as training resizes it (``min_size``, ``max_size``: see
+    ``minidet.data.transforms.resize_factor``), its boxes with it, then padded to a multiple of ``size_divisor`` on
+    its own (as ``collate`` pads a batch of one), and gets the anchors of the model for that size: the same
+    ``AnchorGenerator``, on feature maps of ceil(H / stride) x ceil(W / stride), what the stride-2 convolutions of
+    the backbone and the pyramid give.
 
     Args:
-        dataset: a sequence of ``(image (3, H, W), {"boxes": (G, 4) x1y1x2y2 pixels, ...})``.
+        dataset: a sequence of ``(image (3, H, W), {"boxes": (G, 4) x1y1x2y2 pixels, ...})``. A dataset with
+            ``sizes`` and ``targets`` (as ``CocoDataset``) is read from those, without decoding its images.
         preset: the anchor preset, ``"paper"`` or ``"torchvision"``.
+        anchor_sizes, aspect_ratios: the anchors, as ``RetinaNet`` takes them (None: the preset's).
+        min_size, max_size: the resize of training (``TrainConfig``'s); None and None: the images as they are.
         size_divisor: images are padded to multiples of this (32, the stride of C5).
         max_images: look at only the first ``max_images`` images; None for all of them.
 
@@ -170,16 +181,105 @@ def anchor_statistics(dataset, preset="paper", size_divisor=SIZE_DIVISOR, max_im
     """
     if max_images is not None and max_images < 0:
         raise ValueError(f"anchor_statistics: max_images must be None or at least 0, got {max_images}")
-    generator = AnchorGenerator(preset)
+    samples = _samples(dataset, min_size, max_size, size_divisor, max_images)
+    return _statistics(samples, _generator(preset, anchor_sizes, aspect_ratios))
+
+
+@dataclass
+class AnchorFit:
+    """What ``fit_anchors`` found: the anchors, and the boxes against the preset's anchors and against them.
+
+    Fields:
+        anchor_sizes: 5 base sizes, P3-P7, in pixels (``TrainConfig.anchor_sizes``).
+        aspect_ratios: the shapes h / w (``TrainConfig.aspect_ratios``).
+        before, after: ``AnchorStats`` of the preset's anchors and of the fitted ones.
+    """
+
+    anchor_sizes: list
+    aspect_ratios: list
+    before: AnchorStats
+    after: AnchorStats
+
+    def summary(self):
+        """Two lines: the unmatchable share before and after, and the settings that give it."""
+        sizes = ",".join(f"{s:g}" for s in self.anchor_sizes)
+        ratios = ",".join(f"{r:g}" for r in self.aspect_ratios)
+        return (f"fitted anchors: sizes {sizes} px (P3-P7), aspect ratios {ratios}: unmatchable boxes "
+                f"{self.before.share_unmatchable:.1%} -> {self.after.share_unmatchable:.1%}\n"
+                f"  train with them: --anchor-sizes {sizes} --aspect-ratios {ratios}")
+
+
+def fit_anchors(dataset, preset="paper", min_size=None, max_size=None, size_divisor=SIZE_DIVISOR,
+                max_images=FIT_MAX_IMAGES):
+    """Anchors that let as many of the dataset's boxes as possible reach IoU 0.5 with some anchor.
+
+    The anchors keep the paper's structure, which the subnets' weights are shared under: one base size per level,
+    doubling from level to level as the stride does, three scales of it per level, and the same aspect ratios on
+    every level. So two things are chosen: the base size of P3 (sizes b, 2b, 4b, 8b, 16b, for b from 8 to 64 px
+    in steps of 2^(1/3)) and the set of three aspect ratios (1:2 1:1 2:1, 1:3 1:1 3:1 or 1:4 1:1 4:1). Each
+    choice is scored by ``anchor_statistics`` on the same images, resized as in training; of the choices within
+    half a percentage point of the best share of matchable boxes, the one closest to the preset's anchors wins.
+
+    Args:
+        dataset, preset, min_size, max_size, size_divisor: as for ``anchor_statistics``.
+        max_images: score on at most this many images (the first ones).
+
+    Returns:
+        ``AnchorFit``; its ``before`` is the preset's anchors.
+    """
+    samples = _samples(dataset, min_size, max_size, size_divisor, max_images)
+    before = _statistics(samples, _generator(preset, None, None))
+    candidates = []
+    for step in range(-6, 4):                              # P3 base 32 * 2^(step/3): 8 ... 64 px
+        base = 32 * 2 ** (step / 3)
+        for ratio_set, ratios in enumerate(FIT_RATIO_SETS):
+            sizes = [round(base * 2 ** level, 1) for level in range(5)]
+            stats = _statistics(samples, _generator(preset, sizes, ratios))
+            distance = abs(step) + 3 * ratio_set          # steps of 2^(1/3) away from 32 px, 1:2 1:1 2:1 first
+            candidates.append((stats.share_unmatchable, distance, sizes, list(ratios), stats))
+    best = min(share for share, *_ in candidates)
+    _, _, sizes, ratios, after = min((c for c in candidates if c[0] <= best + 0.005), key=lambda c: c[1])
+    return AnchorFit(sizes, ratios, before, after)
+
+
+def _generator(preset, anchor_sizes, aspect_ratios):
+    return AnchorGenerator(preset, sizes=anchor_sizes, aspect_ratios=aspect_ratios or DEFAULT_ASPECT_RATIOS)
+
+
+def _samples(dataset, min_size, max_size, size_divisor, max_images):
+    """Per image with boxes: (index, padded (H, W) after the resize, (G, 4) boxes after the resize)."""
     num_images = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    sizes, best_ious, best_levels, image_index = [], [], [], []
+    samples = []
     for index in range(num_images):
-        image, target = dataset[index]
-        boxes = _as_boxes(target["boxes"])                                 # (G, 4)
+        if hasattr(dataset, "sizes") and hasattr(dataset, "targets"):
+            size, boxes = dataset.sizes[index], dataset.targets[index]["boxes"]
+        else:
+            image, target = dataset[index]
+            size, boxes = image.shape[-2:], target["boxes"]
+        height, width = (int(v) for v in size)
+        new_h, new_w = resized_size(height, width, min_size, max_size)
+        boxes = scale_boxes(_as_boxes(boxes), (new_w / width, new_h / height))      # (G, 4)
+        padded = tuple(-(-n // size_divisor) * size_divisor for n in (new_h, new_w))
+        samples.append((index, padded, boxes))
+    return _Samples(samples, num_images)
+
+
+@dataclass
+class _Samples:
+    items: list
+    num_images: int
+
+
+def _statistics(samples, generator):
+    """``AnchorStats`` of the boxes of ``samples`` (from ``_samples``) against ``generator``'s anchors."""
+    sizes, best_ious, best_levels, image_index = [], [], [], []
+    anchors_of_size = {}                                   # padded (H, W) -> its anchors per level, made once
+    for index, padded, boxes in samples.items:
         if len(boxes) == 0:
             continue
-        level_anchors = _level_anchors(generator, image.shape[-2:], size_divisor)
-        best_per_level = np.stack([_best_iou_per_box(anchors, boxes) for anchors in level_anchors])   # (L, G)
+        if padded not in anchors_of_size:
+            anchors_of_size[padded] = _level_anchors(generator, padded)
+        best_per_level = np.stack([_best_iou_per_box(anchors, boxes) for anchors in anchors_of_size[padded]])  # (L, G)
         best_levels.append(best_per_level.argmax(axis=0))                  # (G,) the first maximum: finer level
         best_ious.append(best_per_level.max(axis=0))                       # (G,)
         sides = np.clip(boxes[:, 2:] - boxes[:, :2], 0, None)               # (G, 2) w, h; 0 for a flipped box
@@ -194,13 +294,15 @@ def anchor_statistics(dataset, preset="paper", size_divisor=SIZE_DIVISOR, max_im
     # little smaller than their nominal size (46 x 22 = 1012 < 32^2 on P3).
     areas = np.concatenate([(c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]) for c in generator.cell_anchors])
     matchable = (math.sqrt(POSITIVE_IOU * float(areas.min())), math.sqrt(float(areas.max()) / POSITIVE_IOU))
+    preset = generator.preset
     return AnchorStats(
         box_sizes=joined(sizes, np.float32), best_iou=joined(best_ious, np.float32),
         best_level=joined(best_levels, np.int64), image_index=joined(image_index, np.int64),
         level_names=tuple(f"P{int(math.log2(s))}" for s in generator.strides),
         anchor_sizes=tuple(tuple(float(s) for s in sizes) for sizes in generator.scaled_sizes),
         matchable_size_range=matchable, preset=preset,
-        low_quality_matches=bool(MODEL_PRESETS[preset]["allow_low_quality_matches"]), num_images=num_images)
+        low_quality_matches=bool(MODEL_PRESETS[preset]["allow_low_quality_matches"]),
+        num_images=samples.num_images)
 
 
 def _as_boxes(boxes):
@@ -208,12 +310,9 @@ def _as_boxes(boxes):
     return np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
-def _level_anchors(generator, image_size, size_divisor):
-    """The anchors of one image, split by level: L float32 arrays (H_l * W_l * A, 4), P3 first.
-
-    ``image_size`` is (H, W) before padding; the anchors are those of the image padded to ``size_divisor``.
-    """
-    padded = [-(-int(n) // size_divisor) * size_divisor for n in image_size]                # [H, W]
+def _level_anchors(generator, padded):
+    """The anchors of one image padded to ``padded`` (H, W), split by level: L float32 arrays (H_l * W_l * A, 4),
+    P3 first."""
     feature_sizes = [(-(-padded[0] // s), -(-padded[1] // s)) for s in generator.strides]   # ceil(H / stride)
     strides = generator.level_strides(padded, feature_sizes)
     return generator.grid_anchors(feature_sizes, strides)
@@ -273,7 +372,8 @@ def plot_anchor_report(stats, path):
     return _save(fig, path)
 
 
-def plot_matched_anchors(dataset, indices, path, preset="paper", columns=4):
+def plot_matched_anchors(dataset, indices, path, preset="paper", columns=4, anchor_sizes=None, aspect_ratios=None,
+                         min_size=None, max_size=None):
     """Write a PNG with, for each chosen image, its boxes and the anchors matched to them as positive.
 
     The anchors are matched with ``minidet.matching.match_anchors`` at the model's thresholds and with the
@@ -288,6 +388,8 @@ def plot_matched_anchors(dataset, indices, path, preset="paper", columns=4):
         path: where to write the PNG; missing folders are created.
         preset: ``"paper"`` or ``"torchvision"``.
         columns: images per row.
+        anchor_sizes, aspect_ratios, min_size, max_size: as for ``anchor_statistics``; each image is drawn as
+            training sees it, after the resize.
 
     Returns:
         ``path`` as a ``pathlib.Path``.
@@ -295,7 +397,7 @@ def plot_matched_anchors(dataset, indices, path, preset="paper", columns=4):
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("plot_matched_anchors: give at least one image index")
-    generator = AnchorGenerator(preset)
+    generator = _generator(preset, anchor_sizes, aspect_ratios)
     low_quality = MODEL_PRESETS[preset]["allow_low_quality_matches"]
     columns = max(1, min(int(columns), len(indices)))
     rows = -(-len(indices) // columns)
@@ -306,7 +408,9 @@ def plot_matched_anchors(dataset, indices, path, preset="paper", columns=4):
     for ax, index in zip(axes, indices):
         image, target = dataset[index]
         boxes = _as_boxes(target["boxes"])                                  # (G, 4)
-        level_anchors = _level_anchors(generator, image.shape[-2:], SIZE_DIVISOR)
+        image, boxes, _ = resize(image, boxes, min_size, max_size)
+        padded = tuple(-(-int(n) // SIZE_DIVISOR) * SIZE_DIVISOR for n in image.shape[-2:])
+        level_anchors = _level_anchors(generator, padded)
         level_of_anchor = np.repeat(np.arange(len(level_anchors)), [len(a) for a in level_anchors])   # (M,)
         anchors = np.concatenate(level_anchors)                             # (M, 4)
         matches, _ = match_anchors(anchors, boxes, POSITIVE_IOU, BACKGROUND_IOU, low_quality)   # (M,)

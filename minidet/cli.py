@@ -145,7 +145,9 @@ def demo(args):
 
     result = report_evaluation(run.model.eval(), config, held_out_shapes(config, args.val_images), args.out,
                                batch_size=16)
-    stats = anchor_report.anchor_statistics(train_set)
+    trained = run.config
+    stats = anchor_report.anchor_statistics(train_set, trained.preset, trained.anchor_sizes, trained.aspect_ratios,
+                                            trained.min_size, trained.max_size)
     anchor_report.plot_anchor_report(stats, os.path.join(args.out, "anchors.png"))
     seconds = time.perf_counter() - started
     report = (f"# minidet demo\n\nRetinaNet ({config.backbone} backbone, FPN {config.fpn_channels} channels) "
@@ -166,9 +168,11 @@ def make_shapes(args):
     if os.path.exists(os.path.join(args.out, "annotations.json")):
         raise FileExistsError(f"{args.out!r} already holds a dataset (annotations.json); choose another folder "
                               "or delete it")
-    dataset = Shapes(args.num_images, image_size=args.image_size, seed=args.seed)
+    low, high = args.object_sizes or (24, None)
+    dataset = Shapes(args.num_images, image_size=args.image_size, seed=args.seed, min_size=low, max_size=high)
     path = export_coco(dataset, args.out)
-    print(f"wrote {len(dataset)} images of {args.image_size} px ({', '.join(dataset.classes)}) and {path}")
+    print(f"wrote {len(dataset)} images of {args.image_size} px ({', '.join(dataset.classes)}, objects of "
+          f"{dataset.min_size:g} to {dataset.max_size:g} px) and {path}")
 
 
 def train_command(args):
@@ -222,14 +226,20 @@ def detect(args):
 
 def inspect_anchors(args):
     dataset = dataset_from_args(args)
-    stats = anchor_report.anchor_statistics(dataset, preset=args.preset)
+    settings = dict(anchor_sizes=args.anchor_sizes, aspect_ratios=args.aspect_ratios,
+                    min_size=getattr(args, "min_size", _default("min_size")),
+                    max_size=getattr(args, "max_size", _default("max_size")))
+    stats = anchor_report.anchor_statistics(dataset, preset=args.preset, **settings)
     print(stats.summary())
+    if stats.unmatchable.any():
+        fit = anchor_report.fit_anchors(dataset, args.preset, settings["min_size"], settings["max_size"])
+        print(fit.summary())
     report = anchor_report.plot_anchor_report(stats, os.path.join(args.out, "anchor_report.png"))
     # Show the images whose boxes the anchors miss first: they are the ones to look at.
     worst = list(dict.fromkeys(int(i) for i in stats.image_index[stats.unmatchable]))
     shown = (worst + [i for i in range(len(dataset)) if i not in worst])[:args.show]
     matched = anchor_report.plot_matched_anchors(dataset, shown, os.path.join(args.out, "matched_anchors.png"),
-                                                 preset=args.preset)
+                                                 preset=args.preset, **settings)
     print(f"wrote {report} and {matched}")
 
 
@@ -304,6 +314,14 @@ def add_data_flags(parser, shapes_help, num_images=None):
                        help=f"without COCO data: how many shapes images (default: {num_images})")
 
 
+def numbers(text):
+    """A comma-separated list of numbers, e.g. "16,32,64,128,256"."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.5,1,2") from None
+
+
 def size_setting(text):
     """A --min-size / --max-size value: a whole number of pixels, or "none"."""
     if text.lower() == "none":
@@ -352,6 +370,9 @@ def add_train_flags(parser):
         ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (minidet.models.PRESETS)"),
         ("--image-size", int, "without --data: the side of the shapes images, in pixels"),
         ("--checkpoint-every", int, "also write last.npz every this many steps (default: each epoch only)"),
+        ("--anchor-sizes", numbers, "the anchors' base size on P3,P4,P5,P6,P7 in pixels, e.g. 16,32,64,128,256 "
+                                    "(default: 32,64,128,256,512, or fitted to the boxes: see --no-auto-anchors)"),
+        ("--aspect-ratios", numbers, "the anchors' shapes h/w, e.g. 0.5,1,2 (default: 0.5,1,2, or fitted)"),
     ]
     for flag, kind, text in flags:
         name = flag[2:].replace("-", "_")
@@ -361,6 +382,9 @@ def add_train_flags(parser):
             group.add_argument(flag, choices=kind, help=text + shown)
         else:
             group.add_argument(flag, type=kind, help=text + shown)
+    group.add_argument("--no-auto-anchors", dest="auto_anchors", action="store_false", default=None,
+                       help="keep the preset's anchors even when many boxes cannot reach IoU 0.5 with them (by "
+                            "default, anchors fitted to the boxes are used then, and the run says so)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the initial weights, the image order and flips, and of the shapes data "
                             "(default: 0)")
@@ -398,6 +422,9 @@ def build_parser():
                    help=f"how many images (default: {_default('num_images')})")
     p.add_argument("--image-size", type=int, default=_default("image_size"),
                    help=f"side of the images in pixels (default: {_default('image_size')})")
+    p.add_argument("--object-sizes", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="the objects' sizes in pixels, e.g. 10 40 for small objects (default: 24 to 0.8 x the "
+                        "image size)")
     p.add_argument("--seed", type=int, default=0, help="the data's seed (default: 0)")
     p.set_defaults(run=make_shapes)
 
@@ -452,6 +479,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="without --data: the shapes' seed (default: 0)")
     p.add_argument("--preset", choices=["paper", "torchvision"], default="paper",
                    help="whose anchors and matching (default: paper)")
+    p.add_argument("--anchor-sizes", type=numbers, help="the anchors to check: base sizes on P3-P7, e.g. "
+                                                         "16,32,64,128,256 (default: the preset's)")
+    p.add_argument("--aspect-ratios", type=numbers, help="the anchors' shapes h/w, e.g. 0.5,1,2 (default: "
+                                                          "the preset's)")
+    add_size_flags(p, f"training's, {_default('min_size')} and {_default('max_size')}")
     p.add_argument("--show", type=int, default=8, help="images in matched_anchors.png (default: 8)")
     p.add_argument("--out", default="runs/anchors", help="the folder for the pictures (default: runs/anchors)")
     p.set_defaults(run=inspect_anchors)

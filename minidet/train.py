@@ -37,7 +37,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from minidet import backend, optim
+from minidet import anchor_report, backend, optim
 from minidet.checkpoint import load, save
 from minidet.data import Shapes, collate, horizontal_flip, normalize, resize
 from minidet.models.retinanet import BACKBONES, PRESETS, RetinaNet
@@ -55,6 +55,12 @@ class TrainConfig:
         num_classes: K; None takes the number of the dataset's ``classes``.
         classes: the K class names, saved with every checkpoint so detections can be named; None takes the
             dataset's ``classes``.
+        anchor_sizes, aspect_ratios: passed to ``RetinaNet``: the anchors' base size per level P3-P7 (None: 32, 64,
+            128, 256, 512) and their shapes h / w (None: 0.5, 1, 2).
+        auto_anchors: before training, measure how many boxes no anchor can match at IoU 0.5
+            (``minidet.anchor_report``); if that is ``AUTO_ANCHOR_SHARE`` (10%) or more and anchors fitted to the
+            boxes match clearly more, train with the fitted ones, and say so. Only when neither anchor setting is
+            given. False keeps the preset's anchors.
         backbone, fpn_channels, head_norm, preset: passed to ``RetinaNet`` (``resnet_small`` with 64 channels: about
             0.3 M backbone parameters, a step of 16 images of 128 x 128 in about 0.3 s on a CPU). Group norm in
             the subnets (``head_norm="group"``, as torchvision's ``retinanet_resnet50_fpn_v2`` has) makes a model
@@ -105,6 +111,9 @@ class TrainConfig:
     fpn_channels: int = 64
     head_norm: str | None = "group"
     preset: str = "paper"
+    anchor_sizes: list[float] | None = None
+    aspect_ratios: list[float] | None = None
+    auto_anchors: bool = True
     # data
     min_size: int | None = None
     max_size: int | None = 512
@@ -151,6 +160,16 @@ class TrainConfig:
         check(whole(self.fpn_channels, 1), "fpn_channels", "a whole number >= 1")
         check(self.head_norm in (None, "group"), "head_norm", 'None or "group"')
         check(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        def positive_numbers(values, count=None):
+            return (isinstance(values, list | tuple) and len(values) == (count or len(values)) > 0
+                    and all(number(v) and v > 0 for v in values))
+
+        check(self.anchor_sizes is None or (positive_numbers(self.anchor_sizes, 5)
+                                            and list(self.anchor_sizes) == sorted(self.anchor_sizes)),
+              "anchor_sizes", "None or 5 increasing sizes in pixels > 0, one per level P3-P7")
+        check(self.aspect_ratios is None or positive_numbers(self.aspect_ratios), "aspect_ratios",
+              "None or a list of aspect ratios h / w > 0")
+        check(isinstance(self.auto_anchors, bool), "auto_anchors", "True or False")
         check(self.min_size is None or whole(self.min_size, 8), "min_size", "None or a whole number of pixels >= 8")
         check(self.max_size is None or whole(self.max_size, 32), "max_size", "None or a whole number of pixels >= 32")
         check(self.min_size is None or self.max_size is None or self.min_size <= self.max_size, "min_size",
@@ -190,6 +209,11 @@ class TrainConfig:
         return cls(**json.loads(text))
 
 
+# auto_anchors fits the anchors when at least this share of the boxes cannot reach IoU 0.5 with the preset's, and
+# uses the fitted ones when they leave at least AUTO_ANCHOR_GAIN fewer boxes unmatchable.
+AUTO_ANCHOR_SHARE = 0.10
+AUTO_ANCHOR_GAIN = 0.05
+
 # Settings that may change when a run is resumed: they do not change what the steps compute.
 RESUMABLE_CHANGES = ("device", "progress", "log_every", "checkpoint_every")
 
@@ -200,11 +224,13 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
-    """What ``train`` returns: the trained model, the run folder and the rows of its ``metrics.jsonl``."""
+    """What ``train`` returns: the trained model, the run folder, the rows of its ``metrics.jsonl``, and the
+    settings it trained with (the given ones, with the classes and any fitted anchors filled in)."""
 
     model: RetinaNet
     out: str
     metrics: list
+    config: TrainConfig
 
 
 # --- gradients ------------------------------------------------------------------------------------------------------
@@ -243,12 +269,42 @@ def clip_grad_norm(parameters, max_norm):
     return norm
 
 
+# --- anchors that fit the data -------------------------------------------------------------------------------------
+def fit_anchors_if_needed(config, dataset):
+    """``config``, or a copy with anchors fitted to ``dataset``'s boxes, as ``TrainConfig.auto_anchors`` says.
+
+    The check is ``minidet.anchor_report``'s: each box's best IoU with any anchor, on the images as training
+    resizes them. A box below 0.5 gets no positive anchor under the paper's matching, so the detector never learns
+    to find it. What was decided, and why, is printed, with the settings that repeat it.
+    """
+    if not config.auto_anchors or config.anchor_sizes is not None or config.aspect_ratios is not None:
+        return config
+    sizes = dict(min_size=config.min_size, max_size=config.max_size)
+    before = anchor_report.anchor_statistics(dataset, config.preset, max_images=anchor_report.FIT_MAX_IMAGES,
+                                             **sizes)
+    if before.share_unmatchable < AUTO_ANCHOR_SHARE:
+        return config
+    fit = anchor_report.fit_anchors(dataset, config.preset, **sizes)
+    lost = (f"anchors: {fit.before.share_unmatchable:.1%} of the boxes cannot reach IoU 0.5 with any of the "
+            f"preset's anchors (sizes {min(min(s) for s in before.anchor_sizes):.0f}-"
+            f"{max(max(s) for s in before.anchor_sizes):.0f} px), so they would never be learned")
+    if fit.after.share_unmatchable > fit.before.share_unmatchable - AUTO_ANCHOR_GAIN:
+        print(f"{lost}; fitted anchors do not do clearly better ({fit.after.share_unmatchable:.1%}): keeping the "
+              "preset's. Resizing the images (min_size) may help; minidet inspect-anchors shows the boxes")
+        return config
+    print(f"{lost}. Training with anchors fitted to the boxes instead, which leave {fit.after.share_unmatchable:.1%}: "
+          f"anchor_sizes {fit.anchor_sizes}, aspect_ratios {[round(r, 4) for r in fit.aspect_ratios]} "
+          "(auto_anchors=False, or --no-auto-anchors, keeps the preset's)")
+    return dataclasses.replace(config, anchor_sizes=fit.anchor_sizes, aspect_ratios=fit.aspect_ratios)
+
+
 # --- building the pieces --------------------------------------------------------------------------------------------
 def build_model(config):
     """The RetinaNet that ``config`` describes, with fresh weights from ``manual_seed(config.seed)``, on its device."""
     manual_seed(config.seed)
     model = RetinaNet(config.num_classes, backbone=config.backbone, preset=config.preset,
-                      fpn_channels=config.fpn_channels, head_norm=config.head_norm)
+                      fpn_channels=config.fpn_channels, head_norm=config.head_norm,
+                      anchor_sizes=config.anchor_sizes, aspect_ratios=config.aspect_ratios)
     return model.to(config.device)
 
 
@@ -391,6 +447,7 @@ def train(config=None, dataset=None, resume=False):
         config = dataclasses.replace(config, num_classes=len(config.classes))
     if len(dataset) == 0:
         raise ValueError("train: the dataset is empty")
+    config = fit_anchors_if_needed(config, dataset)
     os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, "last.npz")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
@@ -491,8 +548,9 @@ def train(config=None, dataset=None, resume=False):
                 save_checkpoint(epoch + 1, 0)
     finally:
         bar.close()
-    return TrainResult(model, config.out, _read_metrics(metrics_path))
+    return TrainResult(model, config.out, _read_metrics(metrics_path), config)
 
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "build_model", "build_schedule",
+__all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "fit_anchors_if_needed", "build_model",
+           "build_schedule",
            "training_batch", "grad_norm", "clip_grad_norm", "checkpoint_state", "load_trained_model"]

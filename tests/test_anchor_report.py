@@ -7,8 +7,9 @@ import pytest
 from matplotlib.image import imread
 
 import minidet as md
-from minidet.anchor_report import AnchorStats, anchor_statistics, plot_anchor_report, plot_matched_anchors
+from minidet.anchor_report import AnchorStats, anchor_statistics, fit_anchors, plot_anchor_report, plot_matched_anchors
 from minidet.boxes import box_iou
+from minidet.data import Shapes
 from minidet.models import RetinaNet
 
 
@@ -140,3 +141,38 @@ def test_the_pictures_are_written_where_asked_and_readable(dataset, tmp_path):
     assert imread(plot_matched_anchors(dataset, [1], str(tmp_path / "one.png"), preset="torchvision")).ndim == 3
     with pytest.raises(ValueError, match="at least one image"):
         plot_matched_anchors(dataset, [], tmp_path / "none.png")
+
+
+# --- chosen anchors, resizing and fitting ---------------------------------------------------------------------------
+def test_statistics_see_the_images_as_training_resizes_them():
+    data = BoxesOnBlank([((1024, 512), [square(288, 544, 256)])])      # a P6 anchor, and halved a P5 one
+    as_is = anchor_statistics(data)
+    halved = anchor_statistics(data, max_size=512)                    # 1024 x 512 -> 512 x 256, the box 128 px
+    assert as_is.box_sizes.tolist() == [256] and halved.box_sizes.tolist() == [128]
+    assert as_is.best_iou[0] == pytest.approx(1.0) and halved.best_iou[0] == pytest.approx(1.0)
+    assert as_is.best_level.tolist() == [3] and halved.best_level.tolist() == [2]
+
+
+def test_statistics_with_other_anchors_are_those_of_a_model_built_with_them():
+    data = BoxesOnBlank([((64, 64), [square(20, 20, 16), square(40, 40, 12)])])
+    small = anchor_statistics(data, anchor_sizes=[16, 32, 64, 128, 256], aspect_ratios=[1.0])
+    assert small.anchor_sizes[0] == pytest.approx((16, 16 * 2 ** (1 / 3), 16 * 2 ** (2 / 3)))
+    assert small.best_iou[0] == pytest.approx(1.0) and not small.unmatchable[0]   # a 16 px anchor sits on it
+    model = RetinaNet(1, backbone="resnet_small", fpn_channels=16, anchor_sizes=[16, 32, 64, 128, 256],
+                      aspect_ratios=[1.0])
+    _, _, anchors, _ = model.head_outputs(md.tensor(np.zeros((1, 3, 64, 64), np.float32)))
+    expected = box_iou(anchors, data[0][1]["boxes"]).max(axis=0)
+    np.testing.assert_allclose(small.best_iou, expected, rtol=1e-6)
+
+
+def test_fitted_anchors_match_small_objects_and_leave_fitting_data_alone():
+    small = Shapes(60, image_size=128, seed=0, min_size=10, max_size=40)
+    fit = fit_anchors(small)
+    assert fit.before.share_unmatchable > 0.4 and fit.after.share_unmatchable < 0.2
+    assert fit.anchor_sizes[0] < 32 and fit.anchor_sizes == sorted(fit.anchor_sizes)
+    assert anchor_statistics(small, anchor_sizes=fit.anchor_sizes, aspect_ratios=fit.aspect_ratios
+                             ).share_unmatchable == fit.after.share_unmatchable
+    assert f"{fit.before.share_unmatchable:.1%} -> {fit.after.share_unmatchable:.1%}" in fit.summary()
+    assert "--anchor-sizes " + ",".join(f"{s:g}" for s in fit.anchor_sizes) in fit.summary()
+    demo = fit_anchors(Shapes(30, image_size=128, seed=0))
+    assert demo.anchor_sizes == [32, 64, 128, 256, 512] and demo.aspect_ratios == [0.5, 1.0, 2.0]

@@ -310,3 +310,33 @@ def test_size_flags_resize_and_detections_stay_in_original_pixels(tmp_path, tiny
     assert "'big' is not a whole number of pixels or 'none'" in capsys.readouterr().err
     assert main(["train", *TINY_TRAIN, "--min-size", "600", "--max-size", "500", "--out", str(tmp_path / "r")]) == 1
     assert "TrainConfig: min_size must be at most max_size (500), got 600" in capsys.readouterr().err
+
+
+def test_small_objects_get_fitted_anchors_unless_told_otherwise(tmp_path, capsys):
+    data = str(tmp_path / "small")
+    assert main(["make-shapes", data, "--num-images", "6", "--image-size", "64", "--object-sizes", "8", "16"]) == 0
+    assert "objects of 8 to 16 px" in capsys.readouterr().out
+    assert main(["inspect-anchors", "--data", data, "--out", str(tmp_path / "anchors")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"fitted anchors: sizes [\d.,]+ px \(P3-P7\), aspect ratios [\d.,]+: unmatchable boxes "
+                     r"100\.0% -> \d+\.\d%", out), out
+    fitted_flags = re.search(r"--anchor-sizes \S+ --aspect-ratios \S+", out).group(0).split()
+
+    run = ["train", "--data", data, "--epochs", "1", "--batch-size", "3"]
+    assert main([*run, "--out", str(tmp_path / "auto")]) == 0
+    assert "Training with anchors fitted to the boxes instead" in capsys.readouterr().out
+    auto = load_trained_model(tmp_path / "auto" / "last.npz")[1]
+    assert auto.anchor_sizes == [float(v) for v in fitted_flags[1].split(",")]
+    assert main([*run, *fitted_flags, "--out", str(tmp_path / "given")]) == 0      # inspect-anchors' advice
+    given = load_trained_model(tmp_path / "given" / "last.npz")[1]
+    assert given.anchor_sizes == auto.anchor_sizes
+    np.testing.assert_allclose(given.aspect_ratios, auto.aspect_ratios, rtol=1e-5)
+    assert main([*run, "--no-auto-anchors", "--out", str(tmp_path / "preset")]) == 0
+    assert "anchors:" not in capsys.readouterr().out
+    assert load_trained_model(tmp_path / "preset" / "last.npz")[1].anchor_sizes is None
+
+    with pytest.raises(SystemExit):
+        main([*run, "--aspect-ratios", "1:2"])
+    assert "'1:2' is not a comma-separated list of numbers" in capsys.readouterr().err
+    assert main([*run, "--anchor-sizes", "16,32", "--out", str(tmp_path / "bad")]) == 1
+    assert "anchor_sizes must be None or 5 increasing sizes" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+import minidet as md
 from minidet import backend, load, nn, optim
 from minidet.data import Shapes, resize_image
 from minidet.data.shapes import CLASSES as SHAPE_CLASSES
@@ -27,9 +28,11 @@ METRIC_KEYS = {"step", "epoch", "lr", "loss", "classification", "box_regression"
 
 def tiny_config(out, **changes):
     """A run of a few tenths of a second: the small backbone, 16-channel pyramid (too few channels for 32 groups,
-    so no group norm), six 64 x 64 images, 2 a batch, 3 epochs of 3 steps of SGD with the step schedule."""
+    so no group norm), six 64 x 64 images, 2 a batch, 3 epochs of 3 steps of SGD with the step schedule. No anchor
+    check before it (its reads of the data would shift the counts of ``StopAfter``); the anchor tests turn it on."""
     settings = dict(fpn_channels=16, head_norm=None, num_images=6, image_size=64, batch_size=2, epochs=3,
-                    optimizer="sgd", lr=0.01, schedule="step", warmup_iters=2, progress=False, out=str(out))
+                    optimizer="sgd", lr=0.01, schedule="step", warmup_iters=2, progress=False, out=str(out),
+                    auto_anchors=False)
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -258,7 +261,8 @@ BAD_SETTINGS = [
     ("schedule", "linear"), ("milestones", [30, 10]), ("milestones", [0]), ("clip_grad_norm", -1.0),
     ("clip_grad_norm", 0), ("seed", -1), ("device", "gpu"), ("out", ""), ("log_every", 0),
     ("checkpoint_every", 0), ("progress", "yes"), ("batch_size", True), ("min_size", 4), ("max_size", 16),
-    ("max_size", 512.0),
+    ("max_size", 512.0), ("anchor_sizes", [32, 64]), ("anchor_sizes", [64, 32, 128, 256, 512]),
+    ("anchor_sizes", [0, 1, 2, 3, 4]), ("aspect_ratios", []), ("aspect_ratios", [0, 1]), ("auto_anchors", "yes"),
 ]
 
 
@@ -349,3 +353,36 @@ def test_scheduler_state_dict_round_trip_continues_exactly(make):
         schedule.step()
         restored.step()
         assert restored.get_last_lr() == schedule.get_last_lr()
+
+
+# --- anchors fitted to the data -------------------------------------------------------------------------------------
+def test_auto_anchors_fit_small_objects_say_so_and_the_run_keeps_them(tmp_path, capsys):
+    small = Shapes(6, image_size=64, seed=0, min_size=8, max_size=16)
+    config = tiny_config(tmp_path / "auto", epochs=2, auto_anchors=True)
+    with pytest.raises(KeyboardInterrupt):      # 12 reads to check and fit the anchors, 6 for epoch 0, 2 more
+        train(config, dataset=StopAfter(small, reads=20))
+    out = capsys.readouterr().out
+    assert "of the boxes cannot reach IoU 0.5 with any of the preset's anchors" in out
+    assert "Training with anchors fitted to the boxes instead" in out
+    result = train(config, small, resume=True)               # the same fit again: the run resumes
+    assert [row["step"] for row in result.metrics] == list(range(1, 7))
+    assert "Training with anchors fitted" in capsys.readouterr().out
+    fitted = result.config.anchor_sizes
+    assert fitted[0] < 32 and result.config.aspect_ratios is not None
+    assert result.model.anchor_generator.sizes == tuple(fitted)
+    model, saved = load_trained_model(tmp_path / "auto" / "last.npz")
+    assert saved.anchor_sizes == fitted and model.anchor_generator.sizes == tuple(fitted)
+
+    kept = train(tiny_config(tmp_path / "kept", epochs=1), small)           # auto_anchors=False
+    assert kept.config.anchor_sizes is None and kept.model.anchor_generator.sizes == (32, 64, 128, 256, 512)
+    assert "anchors:" not in capsys.readouterr().out
+
+
+def test_anchor_settings_reach_the_model_and_its_heads():
+    config = tiny_config("unused", anchor_sizes=[16, 32, 64, 128, 256], aspect_ratios=[0.25, 0.5, 1, 2, 4],
+                         num_classes=3)
+    model = build_model(config)
+    assert model.anchor_generator.sizes == (16, 32, 64, 128, 256)
+    cls, box, anchors, _ = model.head_outputs(md.tensor(np.zeros((1, 3, 64, 64), np.float32)))
+    per_image = (8 * 8 + 4 * 4 + 2 * 2 + 1 + 1) * 15          # 5 ratios x 3 scales = 15 anchors per position
+    assert anchors.shape == (per_image, 4) and cls.shape == (1, per_image, 3) and box.shape == (1, per_image, 4)

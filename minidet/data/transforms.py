@@ -73,6 +73,12 @@ def resize_factor(height, width, min_size=None, max_size=None):
     return min(factors)
 
 
+def resized_size(height, width, min_size=None, max_size=None):
+    """(h, w): the size ``resize`` gives an H x W image, each side scaled by ``resize_factor`` and rounded."""
+    factor = resize_factor(height, width, min_size, max_size)
+    return max(1, round(height * factor)), max(1, round(width * factor))
+
+
 def resize(image, boxes, min_size=800, max_size=1333):
     """Resize by ``resize_factor`` (keeping the aspect ratio) and scale the boxes with the image.
 
@@ -89,8 +95,7 @@ def resize(image, boxes, min_size=800, max_size=1333):
         When h and w come out as H and W, the image itself is returned and ``scale`` is (1.0, 1.0).
     """
     height, width = image.shape[-2:]
-    factor = resize_factor(height, width, min_size, max_size)
-    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    new_h, new_w = resized_size(height, width, min_size, max_size)
     if (new_h, new_w) == (height, width):
         return image, scale_boxes(boxes, 1.0), (1.0, 1.0)
     scale = (new_w / width, new_h / height)
@@ -194,5 +199,5 @@ def batches(dataset, batch_size, shuffle=False, seed=0, drop_last=False):
         yield [dataset[int(i)] for i in order[start:start + batch_size]]
 
 
-__all__ = ["resize", "resize_factor", "resize_image", "scale_boxes", "scale_boxes_back", "horizontal_flip",
-           "normalize", "collate", "batches", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["resize", "resize_factor", "resized_size", "resize_image", "scale_boxes", "scale_boxes_back",
+           "horizontal_flip", "normalize", "collate", "batches", "IMAGENET_MEAN", "IMAGENET_STD"]

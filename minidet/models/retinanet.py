@@ -17,7 +17,7 @@ from itertools import accumulate
 
 from minidet import functional as F
 from minidet import nn
-from minidet.anchors import AnchorGenerator
+from minidet.anchors import DEFAULT_ASPECT_RATIOS, AnchorGenerator
 from minidet.autograd import Tensor, no_grad
 from minidet.backend import get_array_module, to_numpy
 from minidet.boxes import batched_nms, check_boxes, clip_boxes, decode_boxes, encode_boxes
@@ -73,6 +73,10 @@ class RetinaNet(nn.Module):
         head_norm: None, or ``"group"`` for GroupNorm(32) in the subnets' towers.
         backbone_norm: ``"batch"`` or ``"frozen"``; None takes the preset's.
         allow_low_quality_matches: None takes the preset's (off in the paper, on in torchvision).
+        anchor_sizes: the anchors' base size on each level P3-P7 in pixels; None takes the preset's (32, 64, 128,
+            256, 512). Each level has three scales of its size (x1, x1.26, x1.59), as in the paper.
+        aspect_ratios: the anchors' shapes h / w, shared by all levels; None takes (0.5, 1, 2). A = 3 x
+            len(aspect_ratios) anchors per position (9).
         score_thresh: inference keeps (anchor, class) pairs whose probability is above this (0.05).
         topk_candidates: and at most this many of them per pyramid level (1000).
         nms_thresh: the IoU above which class-wise NMS drops the lower-scoring box (0.5).
@@ -87,8 +91,8 @@ class RetinaNet(nn.Module):
     """
 
     def __init__(self, num_classes, backbone="resnet50", preset="paper", fpn_channels=256, head_norm=None,
-                 backbone_norm=None, allow_low_quality_matches=None, score_thresh=0.05, topk_candidates=1000,
-                 nms_thresh=0.5, detections_per_img=None):
+                 backbone_norm=None, allow_low_quality_matches=None, anchor_sizes=None, aspect_ratios=None,
+                 score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_img=None):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"RetinaNet: unknown preset {preset!r}: use one of {tuple(PRESETS)}")
@@ -108,7 +112,8 @@ class RetinaNet(nn.Module):
 
         self.backbone = BACKBONES[backbone](norm=backbone_norm or settings["backbone_norm"])
         self.fpn = FeaturePyramid(self.backbone.out_channels, fpn_channels, p6_input=settings["p6_input"])
-        self.anchor_generator = AnchorGenerator(preset)
+        self.anchor_generator = AnchorGenerator(preset, sizes=anchor_sizes,
+                                                aspect_ratios=aspect_ratios or DEFAULT_ASPECT_RATIOS)
         num_anchors = self.anchor_generator.num_anchors_per_location
         self.classification_head = ClassificationHead(fpn_channels, num_anchors, num_classes, norm=head_norm)
         self.regression_head = RegressionHead(fpn_channels, num_anchors, norm=head_norm)
