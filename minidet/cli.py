@@ -322,6 +322,15 @@ def numbers(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0.5,1,2") from None
 
 
+def whole_numbers(text):
+    """A comma-separated list of whole numbers, e.g. "96,128,160"."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers, e.g. "
+                                         "96,128,160") from None
+
+
 def size_setting(text):
     """A --min-size / --max-size value: a whole number of pixels, or "none"."""
     if text.lower() == "none":
@@ -373,6 +382,8 @@ def add_train_flags(parser):
         ("--anchor-sizes", numbers, "the anchors' base size on P3,P4,P5,P6,P7 in pixels, e.g. 16,32,64,128,256 "
                                     "(default: 32,64,128,256,512, or fitted to the boxes: see --no-auto-anchors)"),
         ("--aspect-ratios", numbers, "the anchors' shapes h/w, e.g. 0.5,1,2 (default: 0.5,1,2, or fitted)"),
+        ("--multiscale-sizes", whole_numbers, "train each image at a shorter side drawn from these, e.g. 96,128,160 "
+                                              "(default: --min-size only)"),
     ]
     for flag, kind, text in flags:
         name = flag[2:].replace("-", "_")

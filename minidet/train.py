@@ -73,6 +73,10 @@ class TrainConfig:
             makes one longer than ``max_size`` smaller: the built-in 128 px shapes stay as they are, and a 4000 x
             3000 phone photo trains at 512 x 384 (one step of 16 such images: about 4 GB with ``resnet_small``).
             The boxes are scaled with the image; detections are mapped back to the original pixels.
+        multiscale_sizes: None, or shorter sides in pixels to train at: each image of each step takes one of
+            them at random in place of ``min_size`` (multi-scale training, as a tuple ``min_size`` is in
+            torchvision), still capped by ``max_size``, so the detector sees its objects at several scales.
+            Evaluation and detection use ``min_size``.
         num_images, image_size, data_seed: the built-in set, ``Shapes(num_images, image_size, seed=data_seed)``
             (unused when ``train`` is given a dataset).
         flip_prob: the probability of flipping each image (and its boxes) left-right at each step.
@@ -117,6 +121,7 @@ class TrainConfig:
     # data
     min_size: int | None = None
     max_size: int | None = 512
+    multiscale_sizes: list[int] | None = None
     num_images: int = 1024
     image_size: int = 128
     data_seed: int = 0
@@ -174,6 +179,10 @@ class TrainConfig:
         check(self.max_size is None or whole(self.max_size, 32), "max_size", "None or a whole number of pixels >= 32")
         check(self.min_size is None or self.max_size is None or self.min_size <= self.max_size, "min_size",
               f"at most max_size ({self.max_size})")
+        check(self.multiscale_sizes is None or (isinstance(self.multiscale_sizes, list | tuple)
+                                                and len(self.multiscale_sizes) > 0
+                                                and all(whole(v, 8) for v in self.multiscale_sizes)),
+              "multiscale_sizes", "None or a list of whole numbers of pixels >= 8")
         check(whole(self.num_images, 1), "num_images", "a whole number >= 1")
         check(whole(self.image_size, 32), "image_size", "a whole number of pixels >= 32")
         check(whole(self.data_seed, 0), "data_seed", "a whole number >= 0")
@@ -331,12 +340,13 @@ def build_schedule(config, optimizer, total_steps):
     raise ValueError(f"TrainConfig.schedule: unknown schedule {config.schedule!r}; use 'step' or 'cosine'")
 
 
-def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None):
+def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None, multiscale_sizes=None):
     """Turn a list of ``(image, target)`` pairs into the model's input.
 
     Each image is resized by ``min_size`` and ``max_size`` (``minidet.data.transforms.resize``; None and None keep
-    it as it is), flipped left-right with probability ``flip_prob`` (one draw from ``rng`` per image, whatever
-    ``flip_prob`` is, so the random stream does not depend on it), normalised with the ImageNet mean and standard
+    it as it is), or, with ``multiscale_sizes``, by one of those drawn from ``rng`` in place of ``min_size``;
+    flipped left-right with probability ``flip_prob`` (one draw from ``rng`` per image, whatever ``flip_prob`` is,
+    so the random stream does not depend on it); normalised with the ImageNet mean and standard
     deviation, and the batch is padded to multiples of 32 by ``collate``.
 
     Returns:
@@ -344,7 +354,8 @@ def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None):
     """
     prepared = []
     for image, target in items:
-        image, boxes, _ = resize(image, target["boxes"], min_size, max_size)
+        shorter = min_size if not multiscale_sizes else multiscale_sizes[rng.integers(len(multiscale_sizes))]
+        image, boxes, _ = resize(image, target["boxes"], shorter, max_size)
         if rng.random() < flip_prob:
             image, boxes = horizontal_flip(image, boxes)
         prepared.append((normalize(image), {"boxes": boxes, "labels": target["labels"]}))
@@ -507,7 +518,8 @@ def train(config=None, dataset=None, resume=False):
                     lr = optimizer.param_groups[0]["lr"]
                     indices = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
                     images, targets = training_batch([dataset[int(i)] for i in indices], rng, config.flip_prob,
-                                                     config.device, config.min_size, config.max_size)
+                                                     config.device, config.min_size, config.max_size,
+                                                     config.multiscale_sizes)
 
                     losses = model(images, targets)
                     loss = losses["classification"] + losses["box_regression"]

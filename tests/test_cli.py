@@ -59,7 +59,8 @@ def test_unknown_flag_is_one_clear_line(capsys):
 
 @pytest.mark.parametrize("flag, value, setting", [("--lr", "-1", "lr"), ("--batch-size", "0", "batch_size"),
                                                   ("--clip-grad-norm", "-1", "clip_grad_norm"),
-                                                  ("--epochs", "0", "epochs")])
+                                                  ("--epochs", "0", "epochs"),
+                                                  ("--multiscale-sizes", "64,4", "multiscale_sizes")])
 def test_a_bad_training_setting_is_one_clear_line(tmp_path, capsys, flag, value, setting):
     assert main(["train", flag, value, "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()

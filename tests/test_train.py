@@ -237,6 +237,20 @@ def test_training_batch_flips_normalises_and_pads():
     np.testing.assert_array_equal(targets[0]["boxes"], target["boxes"])
 
 
+def test_multiscale_training_draws_a_shorter_side_per_image():
+    dataset = Shapes(40, image_size=40, seed=3)
+    items = [dataset[i] for i in range(40)]
+    images, targets = training_batch(items, np.random.default_rng(0), 0.0, "cpu", multiscale_sizes=[20, 40, 80])
+    scales = {round(float(t["boxes"][0, 2] / item[1]["boxes"][0, 2]), 3) for t, item in zip(targets, items)
+              if len(item[1]["boxes"])}
+    assert scales == {0.5, 1.0, 2.0} and images.shape[-2:] == (96, 96)           # all three, padded to 80 -> 96
+    again, _ = training_batch(items, np.random.default_rng(0), 0.0, "cpu", multiscale_sizes=[20, 40, 80])
+    np.testing.assert_array_equal(again, images)                                  # the rng decides
+    capped, targets = training_batch(items[:8], np.random.default_rng(0), 0.0, "cpu", max_size=60,
+                                     multiscale_sizes=[80])
+    assert capped.shape[-2:] == (64, 64)                                          # 80 capped at 60, padded to 64
+
+
 def test_training_batch_resizes_each_image_and_its_boxes():
     dataset = Shapes(2, image_size=40, seed=3)
     items = [dataset[0], (dataset[1][0][:, :, :20], {"boxes": np.array([[2, 4, 10, 30]], np.float32),
@@ -263,6 +277,7 @@ BAD_SETTINGS = [
     ("checkpoint_every", 0), ("progress", "yes"), ("batch_size", True), ("min_size", 4), ("max_size", 16),
     ("max_size", 512.0), ("anchor_sizes", [32, 64]), ("anchor_sizes", [64, 32, 128, 256, 512]),
     ("anchor_sizes", [0, 1, 2, 3, 4]), ("aspect_ratios", []), ("aspect_ratios", [0, 1]), ("auto_anchors", "yes"),
+    ("multiscale_sizes", []), ("multiscale_sizes", [96, 4]), ("multiscale_sizes", [96.5]),
 ]
 
 
