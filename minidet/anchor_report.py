@@ -129,9 +129,15 @@ class AnchorStats:
         ]
         if not unmatchable.any():
             return "\n".join(lines)
+        untouched = int((self.best_iou == 0).sum())
+        if untouched:
+            lines.append(f"  of them, {untouched} overlap no anchor at all (best IoU 0): boxes far smaller than the "
+                         "anchor grid, or outside the image")
         if self.low_quality_matches:
             lines.append("  the torchvision preset still makes each of them positive on its best anchors "
-                         "(low-quality matches), at an IoU below 0.5")
+                         "(low-quality matches), at an IoU below 0.5" + (
+                             "; a box that overlaps none promotes every anchor that misses it too, as torchvision "
+                             "does" if untouched else ""))
         else:
             lines.append(f"  with the {self.preset!r} preset they get no positive anchor: training only ever "
                          "shows their anchors as background (or ignores them), so they are never detected")
@@ -413,7 +419,8 @@ def plot_matched_anchors(dataset, indices, path, preset="paper", columns=4, anch
         level_anchors = _level_anchors(generator, padded)
         level_of_anchor = np.repeat(np.arange(len(level_anchors)), [len(a) for a in level_anchors])   # (M,)
         anchors = np.concatenate(level_anchors)                             # (M, 4)
-        matches, _ = match_anchors(anchors, boxes, POSITIVE_IOU, BACKGROUND_IOU, low_quality)   # (M,)
+        matches, _ = match_anchors(anchors, boxes, POSITIVE_IOU, BACKGROUND_IOU, low_quality,
+                                   match_zero_iou=MODEL_PRESETS[preset]["match_zero_iou"])   # (M,)
         height, width = image.shape[-2:]
         # extent: pixel (row, col) covers [col, col + 1) x [row, row + 1), the coordinates the boxes use.
         ax.imshow(np.clip(np.transpose(image, (1, 2, 0)), 0, 1), extent=(0, width, height, 0))

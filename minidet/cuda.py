@@ -174,7 +174,7 @@ def focal_loss_with_labels(logits, labels, weights, alpha, gamma, version=FOCAL_
 # --- IoU matching --------------------------------------------------------------------------------------------------
 
 def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_matches,
-                        version=MATCHING_VERSION):
+                        version=MATCHING_VERSION, match_zero_iou=False):
     """The CUDA kernels behind ``minidet.matching.match_anchors_batch`` (same results, on CuPy arrays).
 
     Args:
@@ -184,6 +184,8 @@ def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_mat
         high, low: the thresholds, rounded to the dtype of ``anchors`` as the reference does.
         allow_low_quality_matches: promote each box's best anchors (a second launch).
         version: which kernels (MATCHING_VERSIONS); the newest by default.
+        match_zero_iou: also let a box that no anchor overlaps promote its "best" (IoU 0) anchors, as torchvision.
+            Without it, such a box's best IoU is set to NaN between the launches, which no IoU equals.
 
     Returns:
         matches: (B, A) int64; ious: (B, A) in the dtype of ``anchors``.
@@ -212,5 +214,8 @@ def match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_mat
         grid, (BLOCK_SIZE,),
         inputs + (scalar(high), scalar(low), np.int32(bool(allow_low_quality_matches)), box_best, matches, ious))
     if allow_low_quality_matches:
+        if not match_zero_iou:
+            nan_bits = 0x7FC00000 if bits == cupy.int32 else 0x7FF8000000000000       # a quiet NaN's bits
+            box_best = cupy.where(box_best == 0, bits(nan_bits), box_best)
         get_kernel(module, f"promote_low_quality_{suffix}")(grid, (BLOCK_SIZE,), inputs + (box_best, matches))
     return matches, ious

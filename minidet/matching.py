@@ -7,7 +7,7 @@ RetinaNet labels every anchor from its best IoU with the image's ground-truth bo
 - in between: **ignored** (no loss at all: too close to call).
 
 With ``allow_low_quality_matches`` (torchvision's preset, after Faster R-CNN's RPN), every box also gets its
-best anchors even when their IoU is below 0.5, so no box goes without a positive anchor.
+best anchors even when their IoU is below 0.5, so no box that some anchor overlaps goes without a positive anchor.
 
 This module is the NumPy reference for the CUDA matching kernel (kernels/iou_match.cu): the kernel gives the same
 outputs, bit for bit, and both functions below use it when their inputs are CuPy arrays. Neither ever builds the
@@ -30,7 +30,7 @@ DEFAULT_CHUNK_SIZE = 4096
 
 
 def match_anchors(anchors, boxes, high=0.5, low=0.4, allow_low_quality_matches=False,
-                  chunk_size=DEFAULT_CHUNK_SIZE):
+                  chunk_size=DEFAULT_CHUNK_SIZE, *, match_zero_iou=False):
     """Match each anchor to its best ground-truth box, or mark it background or ignored.
 
     Same results as torchvision's ``Matcher(high, low, allow_low_quality_matches)`` applied to
@@ -45,10 +45,10 @@ def match_anchors(anchors, boxes, high=0.5, low=0.4, allow_low_quality_matches=F
       ``numpy.argmax`` and ``torch.max`` on the CPU do).
     - Low-quality matches (if allowed): for each box, find its best IoU over all anchors. Every anchor whose IoU
       with that box equals that value, ties included, becomes positive, matched to **its own** best box
-      ``box`` (usually the same box; torchvision's ``set_low_quality_matches_`` does exactly this). Because
-      ties count, a box that overlaps no anchor at all (its best IoU is 0) promotes every anchor that does not
-      overlap it either, torchvision's behaviour too; such a box is almost always a bad annotation, which
-      ``minidet.boxes.check_boxes`` catches when it has zero area.
+      ``box`` (usually the same box; torchvision's ``set_low_quality_matches_`` does exactly this). A box that
+      overlaps no anchor at all (its best IoU is 0) promotes nothing: no anchor says anything about it. With
+      ``match_zero_iou`` it is treated like any other box, as torchvision does: because ties count, it then
+      promotes every anchor that does not overlap it either (thousands), each to its own best box.
     - No boxes: every anchor is ``BACKGROUND`` with IoU 0.
 
     Args:
@@ -58,6 +58,8 @@ def match_anchors(anchors, boxes, high=0.5, low=0.4, allow_low_quality_matches=F
         low: the IoU below which an anchor is background (0.4); ``low <= high``.
         allow_low_quality_matches: also make each box's best anchors positive (see above).
         chunk_size: how many anchors get their IoUs computed at once.
+        match_zero_iou: with low-quality matches, also promote the "best" anchors of a box no anchor overlaps
+            (torchvision's rule, for the torchvision preset's exact parity; see above).
 
     Returns:
         matches: (A,) int64, the index of the matched box in ``boxes``, or ``BACKGROUND`` (-1) or ``IGNORED`` (-2).
@@ -84,7 +86,8 @@ def match_anchors(anchors, boxes, high=0.5, low=0.4, allow_low_quality_matches=F
     boxes = boxes.astype(dtype, copy=False)
     if is_cupy_array(anchors):   # the CUDA kernel, for a batch of one image
         counts = xp.full(1, num_boxes, dtype=xp.int32)
-        matches, ious = cuda.match_anchors_batch(anchors, boxes[None], counts, high, low, allow_low_quality_matches)
+        matches, ious = cuda.match_anchors_batch(anchors, boxes[None], counts, high, low, allow_low_quality_matches,
+                                                 match_zero_iou=match_zero_iou)
         return matches[0], ious[0]
     high, low = dtype.type(high), dtype.type(low)   # compare in the IoUs' dtype, as PyTorch does
 
@@ -102,7 +105,10 @@ def match_anchors(anchors, boxes, high=0.5, low=0.4, allow_low_quality_matches=F
     matches[(best_iou >= low) & (best_iou < high)] = IGNORED
 
     if allow_low_quality_matches:
-        # Pass 2: promote every anchor that is (one of) some box's best, to its own best box.
+        # Pass 2: promote every anchor that is (one of) some box's best, to its own best box. A box whose best IoU
+        # is 0 gets NaN as its best unless match_zero_iou: no IoU equals NaN, so it promotes nothing.
+        if not match_zero_iou:
+            best_iou_of_box = xp.where(best_iou_of_box > 0, best_iou_of_box, dtype.type(xp.nan))    # (G,)
         for rows, iou in _iou_chunks(anchors, boxes, chunk_size):
             is_best_of_a_box = (iou == best_iou_of_box[None, :]).any(axis=1)   # (C, G) -> (C,)
             chunk_matches = matches[rows]                      # a view: writing to it writes to matches
@@ -121,7 +127,7 @@ def _iou_chunks(anchors, boxes, chunk_size):
 
 
 def match_anchors_batch(anchors, boxes, counts, high=0.5, low=0.4, allow_low_quality_matches=False,
-                        chunk_size=DEFAULT_CHUNK_SIZE):
+                        chunk_size=DEFAULT_CHUNK_SIZE, *, match_zero_iou=False):
     """``match_anchors`` for a batch of images that share their anchors (the CUDA kernel's signature).
 
     Images have different numbers of boxes, so the boxes come padded to the largest number, with a count per
@@ -131,7 +137,7 @@ def match_anchors_batch(anchors, boxes, counts, high=0.5, low=0.4, allow_low_qua
         anchors: (A, 4) float32 or float64, the same for every image.
         boxes: (B, Gmax, 4) the boxes of each image, padded.
         counts: (B,) integers, how many of each image's Gmax slots are real boxes (0 <= counts[b] <= Gmax).
-        high, low, allow_low_quality_matches, chunk_size: as in ``match_anchors``.
+        high, low, allow_low_quality_matches, chunk_size, match_zero_iou: as in ``match_anchors``.
 
     Returns:
         matches: (B, A) int64, per image as ``match_anchors`` gives it.
@@ -150,12 +156,13 @@ def match_anchors_batch(anchors, boxes, counts, high=0.5, low=0.4, allow_low_qua
                          f"(the padded number of boxes), got {counts.tolist()}")
     _check_options("match_anchors_batch", anchors, high, low, chunk_size)
     if is_cupy_array(anchors):   # the CUDA kernel: every image in one launch (two with low-quality matches)
-        return cuda.match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_matches)
+        return cuda.match_anchors_batch(anchors, boxes, counts, high, low, allow_low_quality_matches,
+                                        match_zero_iou=match_zero_iou)
     matches = xp.empty((num_images, anchors.shape[0]), dtype=xp.int64)   # (B, A)
     ious = xp.empty((num_images, anchors.shape[0]), dtype=anchors.dtype)  # (B, A)
     for b in range(num_images):
         matches[b], ious[b] = match_anchors(anchors, boxes[b, :int(counts[b])], high, low,
-                                            allow_low_quality_matches, chunk_size)
+                                            allow_low_quality_matches, chunk_size, match_zero_iou=match_zero_iou)
     return matches, ious
 
 

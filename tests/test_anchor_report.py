@@ -176,3 +176,11 @@ def test_fitted_anchors_match_small_objects_and_leave_fitting_data_alone():
     assert "--anchor-sizes " + ",".join(f"{s:g}" for s in fit.anchor_sizes) in fit.summary()
     demo = fit_anchors(Shapes(30, image_size=128, seed=0))
     assert demo.anchor_sizes == [32, 64, 128, 256, 512] and demo.aspect_ratios == [0.5, 1.0, 2.0]
+
+
+def test_summary_counts_the_boxes_that_overlap_no_anchor():
+    data = BoxesOnBlank([((64, 64), [square(20, 20, 32), [900, 900, 910, 910]])])     # the second: far outside
+    text = anchor_statistics(data).summary()
+    assert "1 overlap no anchor at all (best IoU 0)" in text
+    assert "promotes every anchor that misses it too" in anchor_statistics(data, preset="torchvision").summary()
+    assert "overlap no anchor" not in anchor_statistics(BoxesOnBlank([((64, 64), [square(40, 40, 8)])])).summary()

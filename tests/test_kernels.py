@@ -28,6 +28,7 @@ recursive summation), which for 80,000 float32 terms is 1e-2; its test allows th
 """
 
 import ctypes
+import itertools
 import pathlib
 import re
 import shutil
@@ -348,7 +349,8 @@ def test_matching_decisions_equal_match_anchors_exactly(host, dtype, allow_low_q
     for thresholds in [(0.5, 0.4), (0.5, 0.5), (0.6, 0.25), (1.0, 0.0)]:
         for anchors, boxes in cases:
             with np.errstate(all="ignore"):     # inf - inf and nan in the edge boxes
-                expected = match_anchors(anchors, boxes, *thresholds, allow_low_quality_matches)
+                # The kernels' own rule is torchvision's (match_zero_iou); the launcher masks zero-IoU boxes out.
+                expected = match_anchors(anchors, boxes, *thresholds, allow_low_quality_matches, match_zero_iou=True)
             actual = host.match(anchors, boxes, *thresholds, allow_low_quality_matches)
             np.testing.assert_array_equal(actual[0], expected[0], f"matches, {thresholds}, {len(boxes)} boxes")
             assert same_bits(actual[1], expected[1])
@@ -531,15 +533,18 @@ def matching_cases(dtype):
 @pytest.mark.parametrize("allow_low_quality_matches", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_matching_kernel_equals_the_reference_exactly(cp, poisoned, dtype, allow_low_quality_matches, version):
+    # match_zero_iou only changes anything with low-quality matches ("exact 0.4 and 0.5" has a box far from all).
+    zero_iou_rules = (False, True) if allow_low_quality_matches else (False,)
     for name, anchors, images in matching_cases(dtype):
         padded, counts = padded_batch(images, dtype)
-        for thresholds in [(0.5, 0.4), (0.6, 0.25), (1.0, 0.0)]:
+        for thresholds, zero_iou in itertools.product([(0.5, 0.4), (0.6, 0.25), (1.0, 0.0)], zero_iou_rules):
             with np.errstate(all="ignore"):
-                expected = match_anchors_batch(anchors, padded, counts, *thresholds, allow_low_quality_matches)
+                expected = match_anchors_batch(anchors, padded, counts, *thresholds, allow_low_quality_matches,
+                                               match_zero_iou=zero_iou)
             actual = cuda.match_anchors_batch(cp.asarray(anchors), cp.asarray(padded), cp.asarray(counts),
-                                              *thresholds, allow_low_quality_matches, version)
+                                              *thresholds, allow_low_quality_matches, version, match_zero_iou=zero_iou)
             assert isinstance(actual[0], cp.ndarray) and actual[0].dtype == np.int64 and actual[1].dtype == dtype
-            np.testing.assert_array_equal(cp.asnumpy(actual[0]), expected[0], f"{name}, {thresholds}")
+            np.testing.assert_array_equal(cp.asnumpy(actual[0]), expected[0], f"{name}, {thresholds}, {zero_iou}")
             assert same_bits(cp.asnumpy(actual[1]), expected[1]), f"{name}, {thresholds}: IoUs"
         # Other garbage in the padding, the same answer.
         other, _ = padded_batch(images, dtype, garbage_seed=1)
@@ -556,7 +561,8 @@ def test_match_anchors_on_one_image_uses_the_kernel(cp, poisoned, monkeypatch):
     anchors, boxes = grid_boxes(rng, 500, np.float32), grid_boxes(rng, 9, np.float32)
     launches = []
     real = cuda.match_anchors_batch
-    monkeypatch.setattr(cuda, "match_anchors_batch", lambda *args: launches.append(1) or real(*args))
+    monkeypatch.setattr(cuda, "match_anchors_batch",
+                        lambda *args, **kwargs: launches.append(1) or real(*args, **kwargs))
     for allow in (False, True):
         actual = match_anchors(cp.asarray(anchors), cp.asarray(boxes), allow_low_quality_matches=allow)
         expected = match_anchors(anchors, boxes, allow_low_quality_matches=allow)

@@ -46,8 +46,9 @@ def iou_by_hand(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def match_by_hand(anchors, boxes, high, low, allow_low_quality_matches):
-    """torchvision's Matcher, written out: ``table[i][j]`` is the IoU of anchor i and box j."""
+def match_by_hand(anchors, boxes, high, low, allow_low_quality_matches, match_zero_iou=False):
+    """torchvision's Matcher, written out: ``table[i][j]`` is the IoU of anchor i and box j. Without
+    ``match_zero_iou``, minidet's rule: a box whose best IoU is 0 promotes nothing."""
     if not boxes or not anchors:
         return [BACKGROUND] * len(anchors), [0.0] * len(anchors)
     table = [[iou_by_hand(a, b) for b in boxes] for a in anchors]
@@ -59,7 +60,7 @@ def match_by_hand(anchors, boxes, high, low, allow_low_quality_matches):
         for j in range(len(boxes)):
             best_for_box = max(row[j] for row in table)
             for i, row in enumerate(table):
-                if row[j] == best_for_box:
+                if row[j] == best_for_box and (best_for_box > 0 or match_zero_iou):
                     matches[i] = best_box[i]
     return matches, best_iou
 
@@ -132,13 +133,15 @@ def test_a_promoted_anchor_takes_its_own_best_box(xp):
     assert match(xp, anchors, boxes, allow_low_quality_matches=True)[0] == [1, 1, BG]
 
 
-def test_a_box_that_overlaps_no_anchor_promotes_every_anchor_it_misses_as_torchvision_does(xp):
-    # Box 0 is far from every anchor: its best IoU is 0, which every anchor "ties". torchvision then promotes
-    # every anchor, each to its own best box; an anchor that overlaps nothing has box 0 as its best (all IoUs 0,
-    # the first wins). Documented in match_anchors: such a box is a bad annotation.
+def test_a_box_that_overlaps_no_anchor_promotes_nothing_but_every_anchor_it_misses_in_torchvision(xp):
+    # Box 0 is far from every anchor: its best IoU is 0, which every anchor "ties". minidet's rule: no anchor says
+    # anything about it, so it promotes none. torchvision (match_zero_iou) promotes every anchor, each to its own
+    # best box; an anchor that overlaps nothing has box 0 as its best (all IoUs 0, the first wins).
     boxes = spans(xp, (100, 110), (0, 10))
     anchors = spans(xp, (0, 10), (40, 50), (60, 70))
     matches, ious = match(xp, anchors, boxes, allow_low_quality_matches=True)
+    assert matches == [1, BG, BG]
+    matches, ious = match(xp, anchors, boxes, allow_low_quality_matches=True, match_zero_iou=True)
     assert matches == [1, 0, 0]
     np.testing.assert_array_equal(ious, [1, 0, 0])
 
@@ -220,19 +223,20 @@ def test_chunked_results_equal_one_chunk_exactly(xp, allow_low_quality_matches):
 @PROPERTY
 @given(anchor_rows=st.lists(grid_box(), max_size=12), box_rows=st.lists(grid_box(), max_size=5),
        thresholds=st.sampled_from([(0.5, 0.4), (0.5, 0.5), (0.6, 0.25), (1.0, 0.0)]),
-       allow_low_quality_matches=st.booleans(), chunk_size=st.sampled_from([1, 3, 7, DEFAULT_CHUNK_SIZE]),
-       dtype=st.sampled_from([np.float32, np.float64]))
+       allow_low_quality_matches=st.booleans(), match_zero_iou=st.booleans(),
+       chunk_size=st.sampled_from([1, 3, 7, DEFAULT_CHUNK_SIZE]), dtype=st.sampled_from([np.float32, np.float64]))
 def test_match_anchors_equals_the_full_table_reference(xp, anchor_rows, box_rows, thresholds,
-                                                      allow_low_quality_matches, chunk_size, dtype):
+                                                      allow_low_quality_matches, match_zero_iou, chunk_size, dtype):
     high, low = thresholds
     # The reference gets scalars of the dtype (coordinates and thresholds), so its arithmetic rounds as the
     # arrays' does, and the IoUs can be compared exactly.
     anchors_by_hand = [[dtype(v) for v in row] for row in anchor_rows]
     boxes_by_hand = [[dtype(v) for v in row] for row in box_rows]
     expected_matches, expected_ious = match_by_hand(anchors_by_hand, boxes_by_hand, dtype(high), dtype(low),
-                                                    allow_low_quality_matches)
+                                                    allow_low_quality_matches, match_zero_iou)
     matches, ious = match(xp, boxes_on(xp, anchor_rows, dtype), boxes_on(xp, box_rows, dtype), high=high, low=low,
-                          allow_low_quality_matches=allow_low_quality_matches, chunk_size=chunk_size)
+                          allow_low_quality_matches=allow_low_quality_matches, chunk_size=chunk_size,
+                          match_zero_iou=match_zero_iou)
     assert matches == expected_matches
     np.testing.assert_array_equal(ious, np.array(expected_ious, dtype))
 

@@ -232,7 +232,8 @@ def test_match_anchors_equals_torchvision_matcher(torchvision, case, allow_low_q
     anchors, boxes = matching_case(case, seed)
     iou = torchvision.ops.box_iou(torch.from_numpy(boxes), torch.from_numpy(anchors))         # (G, A)
     expected = Matcher(0.5, 0.4, allow_low_quality_matches=allow_low_quality_matches)(iou).numpy()
-    matches, best_iou = match_anchors(anchors, boxes, 0.5, 0.4, allow_low_quality_matches, chunk_size=500)
+    matches, best_iou = match_anchors(anchors, boxes, 0.5, 0.4, allow_low_quality_matches, chunk_size=500,
+                                      match_zero_iou=True)
 
     np.testing.assert_array_equal(best_iou, iou.max(dim=0).values.numpy(), err_msg="best IoU of each anchor")
     mismatched = np.flatnonzero(matches != expected)
@@ -247,6 +248,13 @@ def test_match_anchors_equals_torchvision_matcher(torchvision, case, allow_low_q
         assert (expected == -1).any()
     if case == "near the thresholds":
         assert (expected == -2).any() and np.isin(np.float32([0.4, 0.5]), best_iou).all()
+    if case == "a box that overlaps no anchor" and allow_low_quality_matches:
+        # minidet's own rule: a box no anchor overlaps promotes nothing; only the near box's best anchors are added
+        own, _ = match_anchors(anchors, boxes, 0.5, 0.4, True, chunk_size=500)
+        strict, _ = match_anchors(anchors, boxes, 0.5, 0.4, False, chunk_size=500)
+        near_best = iou[0].numpy() == iou[0].max().item()                                 # (A,)
+        np.testing.assert_array_equal(own, np.where(near_best, 0, strict))
+        assert (own >= 0).sum() == near_best.sum() < 10
 
 
 # --- focal loss ------------------------------------------------------------------------------------------------

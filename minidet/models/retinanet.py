@@ -37,6 +37,8 @@ PRESETS = {
     "paper": {
         "p6_input": "c5",                      # P6 = 3x3 stride-2 conv on the backbone's C5
         "allow_low_quality_matches": False,    # anchors with IoU < 0.5 are never positive
+        "match_zero_iou": False,               # (if low-quality matches are turned on: a box no anchor overlaps
+                                               # promotes nothing)
         "box_loss_beta": 0.11,                 # smooth L1, quadratic below 0.11
         "loss_normalization": "batch",         # each loss / max(1, positive anchors in the whole batch)
         "detections_per_img": 100,
@@ -45,6 +47,7 @@ PRESETS = {
     "torchvision": {
         "p6_input": "p5",                      # P6 on the pyramid's P5 (torchvision v1)
         "allow_low_quality_matches": True,     # each box's best anchors are positive whatever their IoU
+        "match_zero_iou": True,                # even 0: as torchvision's Matcher, for exact parity
         "box_loss_beta": 0.0,                  # beta 0: the plain L1 loss
         "loss_normalization": "image",         # each image's losses / max(1, its positives), then the mean
         "detections_per_img": 300,
@@ -103,6 +106,7 @@ class RetinaNet(nn.Module):
         self.preset = preset
         self.allow_low_quality_matches = (settings["allow_low_quality_matches"] if allow_low_quality_matches is None
                                           else allow_low_quality_matches)
+        self.match_zero_iou = settings["match_zero_iou"]
         self.box_loss_beta = settings["box_loss_beta"]
         self.loss_normalization = settings["loss_normalization"]
         self.score_thresh = score_thresh
@@ -192,7 +196,8 @@ class RetinaNet(nn.Module):
             padded_boxes[i, :count] = boxes[i]
             padded_labels[i, :count] = labels[i]
         matches, _ = match_anchors_batch(anchors, padded_boxes, xp.asarray(counts, dtype=xp.int32), POSITIVE_IOU,
-                                         BACKGROUND_IOU, self.allow_low_quality_matches)  # (N, M) box, -1 or -2
+                                         BACKGROUND_IOU, self.allow_low_quality_matches,
+                                         match_zero_iou=self.match_zero_iou)          # (N, M) box, -1 or -2
         positive = matches >= 0                                                 # (N, M)
 
         # The number each image's losses are divided by, set by the preset's normalisation.
