@@ -58,9 +58,15 @@ def load(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist; check the path")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a folder; give the .npz file in it (e.g. last.npz)")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}  # reads (and CRC-checks) every array now
+        archive = np.load(path, allow_pickle=False)
+        if isinstance(archive, np.lib.npyio.NpzFile):
+            with archive:
+                return {name: archive[name] for name in archive.files}  # reads (and CRC-checks) every array now
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError) as error:
         raise ValueError(f"checkpoint {path!r} cannot be read: it is corrupt, truncated or holds pickled "
                          f"objects ({error}); restore it from a backup or write it again") from error
+    raise ValueError(f"checkpoint {path!r} holds a single array (a .npy file), not the named arrays of the .npz "
+                     "file that minidet.save writes")

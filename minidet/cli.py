@@ -11,7 +11,8 @@
 Each command is a thin layer over the library (``minidet.train``, ``minidet.evaluate``, ``minidet.plots``,
 ``minidet.anchor_report``, ``minidet.data``): what it does can be done from Python in as many lines. Errors the
 user can fix (a missing file, a bad flag value, bad annotations) are printed as one line naming the fix, with exit
-status 1; argparse handles unknown flags (exit status 2).
+status 1 (``--debug`` shows the traceback instead); argparse handles unknown flags (exit status 2). Ctrl-C stops
+with exit status 130 and, for ``train``, says how to resume.
 
 ``convert`` is the only place where minidet imports torch, to read the ``.pth`` file.
 """
@@ -521,14 +522,36 @@ def build_parser():
                         "(default: 0.0, right for torchvision's published COCO weights; 1e-5 for "
                         "weights of a model torchvision built with its default FrozenBatchNorm2d eps)")
     p.set_defaults(run=convert)
+    for command in commands.choices.values():
+        command.add_argument("--debug", action="store_true",
+                             help="on an error, show Python's full traceback instead of one line")
     return parser
+
+
+def interrupted_message(args):
+    """What to say after Ctrl-C: where the run's last checkpoint is and how to go on from it."""
+    if args.command != "train":
+        return f"minidet {args.command}: interrupted (Ctrl-C)"
+    checkpoint = os.path.join(args.out, "last.npz")
+    if not os.path.exists(checkpoint):
+        return "minidet train: interrupted (Ctrl-C) before the first checkpoint; run the command again to start over"
+    step = int(md.load(checkpoint)["step"])
+    return (f"minidet train: interrupted (Ctrl-C); {checkpoint} holds the run after step {step}: run the same command "
+            "with --resume to continue it exactly")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(interrupted_message(args), file=sys.stderr)
+        return 130
     except (RuntimeError, ValueError, OSError) as error:
+        if args.debug:
+            raise
         print(f"minidet {args.command}: {error}", file=sys.stderr)
         return 1
     return 0

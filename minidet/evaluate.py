@@ -19,6 +19,7 @@ and "AP" without a number is the mean over the IoU thresholds 0.50, 0.55, ..., 0
 import contextlib
 import dataclasses
 import io
+import math
 import sys
 
 import numpy as np
@@ -39,6 +40,8 @@ def _check_image(image, index):
         raise TypeError(f"predict_images: image {index} is {image.dtype}; expected float32 in [0, 1] (for 8-bit "
                         "pixels use minidet.data.shapes.to_float_image, or divide by 255)")
     low, high = float(image.min()), float(image.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"predict_images: image {index} has NaN or infinite pixels; expected values in [0, 1]")
     if low < 0 or high > 1:
         raise ValueError(f"predict_images: image {index} has values in [{low:g}, {high:g}]; expected [0, 1]. Give the "
                          "raw image: predict_images normalises it itself (and 0..255 pixels need dividing by 255)")

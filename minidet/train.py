@@ -19,8 +19,9 @@ Around the steps:
   schedule's position, the step counters, the epoch's image order and the random generator's state. So
   ``train(config, resume=True)`` after a run was killed gives the same weights, bit for bit on the CPU, as a run
   that was never stopped.
-- A guard: a loss or a gradient that is NaN or infinite stops training with ``TrainingDiverged``, naming the step
-  and the likely causes, and the last good checkpoint is left as it was.
+- A guard: a loss or a gradient that is NaN or infinite, or a loss above 1000 times the first step's, stops
+  training with ``TrainingDiverged``, naming the step and the likely causes, and the last good
+  checkpoint is left as it was. Images with NaN or infinite pixels are refused, by their index in the dataset.
 
 Randomness: the model's initial weights come from ``minidet.manual_seed(config.seed)``; the order of the images
 in each epoch and the flips come from one generator, ``np.random.default_rng(config.seed)``, whose state is saved
@@ -33,6 +34,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 from tqdm import tqdm
@@ -223,12 +225,21 @@ class TrainConfig:
 AUTO_ANCHOR_SHARE = 0.10
 AUTO_ANCHOR_GAIN = 0.05
 
-# Settings that may change when a run is resumed: they do not change what the steps compute.
-RESUMABLE_CHANGES = ("device", "progress", "log_every", "checkpoint_every")
+# Settings that may change when a run is resumed: they do not change what the steps compute. ``out`` too: a run
+# folder that was moved or copied resumes where it now is.
+RESUMABLE_CHANGES = ("device", "progress", "log_every", "checkpoint_every", "out")
+# The divergence guard stops a run whose loss climbs above EXPLOSION_FACTOR times its first step's loss, or times
+# MIN_LOSS_YARDSTICK if that was smaller: such a loss is not learning (with Adam at lr 1e3 the loss went from 1.7
+# to 1e35 in one step while staying finite). The losses are divided by the positive anchors, so a fresh model
+# starts near 1.1 (the focal loss of a positive at the prior 0.01) plus its box loss, whatever the data; a first
+# batch without any object starts far lower, hence the floor.
+EXPLOSION_FACTOR = 1000
+MIN_LOSS_YARDSTICK = 1.0
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or a gradient became NaN or infinite; training stopped and the last good checkpoint was kept."""
+    """The loss or a gradient became NaN or infinite, or the loss exploded; training stopped and the last good
+    checkpoint was kept."""
 
 
 @dataclasses.dataclass
@@ -364,14 +375,17 @@ def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None, 
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
-def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch_in_epoch, order):
+def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch_in_epoch, order,
+                     loss_yardstick=None):
     """Everything the next step depends on, as the flat dict of arrays ``minidet.save`` writes.
 
     Keys: ``model.*`` (weights and batch norm statistics), ``optimizer.*`` (momentum buffers and settings),
     ``scheduler.*`` (its step), ``step`` (optimizer steps done), ``epoch`` and ``batch_in_epoch`` (where the next
     step is: batch ``batch_in_epoch`` of epoch ``epoch``, counting from 0), ``epoch_order`` (this epoch's image
     order; empty at the end of an epoch, the next order is drawn when the next epoch starts), ``rng_state`` and
-    ``config`` (JSON text in 0-d string arrays: a checkpoint holds arrays only, and loading never unpickles).
+    ``config`` (JSON text in 0-d string arrays: a checkpoint holds arrays only, and loading never unpickles),
+    ``loss_yardstick`` (the first step's loss, at least ``MIN_LOSS_YARDSTICK``, which the divergence guard
+    compares with; NaN before any step).
     """
     state = {"model." + name: value for name, value in model.state_dict().items()}
     state.update(("optimizer." + name, value) for name, value in optimizer.state_dict().items())
@@ -380,7 +394,8 @@ def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch
                  epoch_order=np.asarray(order if order is not None else [], dtype=np.int64),
                  # the bit generator's state holds 128-bit integers, which JSON writes exactly
                  rng_state=np.array(json.dumps(rng.bit_generator.state)),
-                 config=np.array(config.to_json()))
+                 config=np.array(config.to_json()),
+                 loss_yardstick=np.float64(math.nan if loss_yardstick is None else loss_yardstick))
     return state
 
 
@@ -392,6 +407,12 @@ def _part(state, prefix):
 def load_trained_model(path, device="cpu"):
     """Rebuild the model saved in a checkpoint of ``train``: returns ``(model, config)``, the model in eval mode."""
     state = load(path)
+    if "config" not in state:
+        kind = ("the weights of a model (a state dict, as minidet.save(model.state_dict()) writes)"
+                if state and not any(name.startswith("model.") for name in state) else "no settings")
+        raise ValueError(f"{path} is not a checkpoint of minidet train: it holds {kind}, without the run's settings "
+                         "('config'). Load such weights into a model built as they were: "
+                         "model.load_state_dict(minidet.load(path))")
     config = dataclasses.replace(TrainConfig.from_json(str(state["config"])), device=device)
     model = build_model(config)
     model.load_state_dict(_part(state, "model."))
@@ -419,12 +440,39 @@ def _divergence_message(what, value, step, epoch, lr, checkpoint):
 
 
 def _read_metrics(path, up_to_step=None):
-    """The rows of ``metrics.jsonl`` (those with step <= ``up_to_step`` if given)."""
+    """The rows of ``metrics.jsonl`` (those with step <= ``up_to_step`` if given).
+
+    A last line that is not whole JSON is what a kill in the middle of writing it leaves: it is dropped, with a
+    warning (its step runs again on resume). A bad line anywhere else is an error that names the file and line.
+    """
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+    rows = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if position == len(lines) - 1:
+                warnings.warn(f"{path}: dropped its last line {number}, which was cut off (a run stopped while "
+                              "writing it)", stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON row of metrics ({error}); the file was changed "
+                             "by hand or damaged: delete the line, or start the run again with --overwrite") from None
     return [row for row in rows if up_to_step is None or row["step"] <= up_to_step]
+
+
+def _remove_unfinished_writes(folder):
+    """Delete the temporary files (``.tmp-*``) of atomic writes that a kill interrupted in ``folder``.
+
+    ``minidet.checkpoint.write_atomically`` removes its temporary file when the write fails, but a process killed
+    outright (SIGKILL, power loss) cannot; the complete file it was replacing is still there.
+    """
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".tmp-"):
+            os.remove(os.path.join(folder, name))
+            print(f"removed {os.path.join(folder, name)}, left by an interrupted write")
 
 
 # --- the loop -------------------------------------------------------------------------------------------------------
@@ -462,6 +510,7 @@ def train(config=None, dataset=None, resume=False):
     os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, "last.npz")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
+    _remove_unfinished_writes(config.out)
 
     steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -469,7 +518,7 @@ def train(config=None, dataset=None, resume=False):
     optimizer = build_optimizer(config, model)
     schedule = build_schedule(config, optimizer, total_steps)
     rng = np.random.default_rng(config.seed)
-    step, start_epoch, start_batch, order = 0, 0, 0, None
+    step, start_epoch, start_batch, order, loss_yardstick = 0, 0, 0, None, None
 
     if resume:
         if not os.path.exists(checkpoint_path):
@@ -483,12 +532,18 @@ def train(config=None, dataset=None, resume=False):
         rng.bit_generator.state = json.loads(str(state["rng_state"]))
         step, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         order = state["epoch_order"] if start_batch else None
+        saved = float(state.get("loss_yardstick", math.nan))          # checkpoints before the guard lack it
+        loss_yardstick = saved if math.isfinite(saved) else None
         # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
         rows = _read_metrics(metrics_path, up_to_step=step)
         with open(metrics_path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)   # a fresh run starts a fresh log
+    else:
+        # A fresh run in a folder replaces the run there: its log and its checkpoint go now, so that a later resume
+        # can never continue the old checkpoint with the new log.
+        for old in (metrics_path, checkpoint_path):
+            if os.path.exists(old):
+                os.remove(old)
 
     def save_checkpoint(next_epoch, next_batch):
         """Write last.npz; the next step is batch ``next_batch`` of epoch ``next_epoch``."""
@@ -500,8 +555,8 @@ def train(config=None, dataset=None, resume=False):
                 raise TrainingDiverged(_divergence_message(f"largest weight of {name} after the update", largest,
                                                            step, epoch_of_step, optimizer.param_groups[0]["lr"],
                                                            checkpoint_path))
-        save(checkpoint_state(config, model, optimizer, schedule, rng, step, next_epoch, next_batch, order),
-             checkpoint_path)
+        save(checkpoint_state(config, model, optimizer, schedule, rng, step, next_epoch, next_batch, order,
+                              loss_yardstick), checkpoint_path)
 
     model.train()
     parameters = model.parameters()
@@ -517,7 +572,12 @@ def train(config=None, dataset=None, resume=False):
                     started = time.perf_counter()
                     lr = optimizer.param_groups[0]["lr"]
                     indices = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
-                    images, targets = training_batch([dataset[int(i)] for i in indices], rng, config.flip_prob,
+                    items = [dataset[int(i)] for i in indices]
+                    for index, (image, _) in zip(indices, items):
+                        if not np.isfinite(image).all():
+                            raise ValueError(f"train: image {index} of the dataset has NaN or infinite pixels; "
+                                             "fix or remove it")
+                    images, targets = training_batch(items, rng, config.flip_prob,
                                                      config.device, config.min_size, config.max_size,
                                                      config.multiscale_sizes)
 
@@ -527,6 +587,12 @@ def train(config=None, dataset=None, resume=False):
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(_divergence_message("loss", loss_value, step + 1, epoch, lr,
                                                                    checkpoint_path))
+                    if loss_yardstick is None:
+                        loss_yardstick = max(loss_value, MIN_LOSS_YARDSTICK)
+                    if loss_value > EXPLOSION_FACTOR * loss_yardstick:
+                        raise TrainingDiverged(_divergence_message(
+                            "loss", f"{loss_value:.4g}, over {EXPLOSION_FACTOR} times where it started "
+                            f"({loss_yardstick:.4g})", step + 1, epoch, lr, checkpoint_path))
                     optimizer.zero_grad()
                     loss.backward()
                     if config.clip_grad_norm is not None:

@@ -87,3 +87,11 @@ def test_checkpoint_has_the_usual_permissions_not_a_temp_files(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(tmp_path / "c.npz").st_mode & 0o777 == 0o644
+
+
+def test_a_npy_file_or_a_folder_is_named_for_what_it_is(tmp_path):
+    np.save(tmp_path / "weights.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"holds a single array \(a .npy file\), not the named arrays"):
+        md.load(tmp_path / "weights.npy")
+    with pytest.raises(IsADirectoryError, match="is a folder; give the .npz file in it"):
+        md.load(tmp_path)

@@ -341,3 +341,26 @@ def test_small_objects_get_fitted_anchors_unless_told_otherwise(tmp_path, capsys
     assert "'1:2' is not a comma-separated list of numbers" in capsys.readouterr().err
     assert main([*run, "--anchor-sizes", "16,32", "--out", str(tmp_path / "bad")]) == 1
     assert "anchor_sizes must be None or 5 increasing sizes" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    run = ["train", *TINY_TRAIN, "--out", str(tmp_path / "run")]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minidet.cli.train", interrupted)
+    assert main(run) == 130
+    assert capsys.readouterr().err == ("minidet train: interrupted (Ctrl-C) before the first checkpoint; run the "
+                                       "command again to start over\n")
+    monkeypatch.undo()
+    assert main(run) == 0
+    monkeypatch.setattr("minidet.cli.train", interrupted)
+    assert main([*run, "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "holds the run after step 2: run the same command with --resume to continue it exactly" in err
+    assert err.count("\n") == 1
+
+    assert main(["evaluate", str(tmp_path / "none.npz")]) == 1
+    with pytest.raises(FileNotFoundError, match="none.npz"):
+        main(["evaluate", str(tmp_path / "none.npz"), "--debug"])

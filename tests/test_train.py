@@ -1,6 +1,7 @@
 """The training loop (minidet/train.py): metrics, checkpoints, exact resume, the divergence guard, gradient
 clipping, and the optimizer and scheduler state that resuming needs."""
 
+import dataclasses
 import json
 import re
 
@@ -53,7 +54,7 @@ def without_time(rows):
 
 class StopAfter:
     """A dataset that raises ``KeyboardInterrupt`` at its ``reads``-th item read, as if the run were killed then
-    (``poison=True`` instead returns a NaN image from then on)."""
+    (``poison=True`` instead returns an image of huge pixels from then on: finite, but the network overflows)."""
 
     def __init__(self, dataset, reads, poison=False):
         self.dataset, self.reads, self.poison, self.count = dataset, reads, poison, 0
@@ -68,7 +69,7 @@ class StopAfter:
         if self.count >= self.reads:
             if not self.poison:
                 raise KeyboardInterrupt("killed")
-            image = np.full_like(image, np.nan)
+            image = np.full_like(image, 3e38)
         return image, target
 
 
@@ -156,8 +157,8 @@ def test_resume_refuses_changed_settings_and_a_missing_checkpoint(tmp_path):
 # --- the divergence guard -------------------------------------------------------------------------------------------
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_config(tmp_path / "poisoned", epochs=2, milestones=[100])
-    # From the 7th image read on, the images are NaN: the first step of epoch 1 (step 4) has a NaN loss.
-    with pytest.raises(TrainingDiverged) as caught:
+    # From the 7th image read on, the pixels are 3e38: the first step of epoch 1 (step 4) has a NaN loss.
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged) as caught:
         train(config, dataset=StopAfter(tiny_shapes(config), reads=7, poison=True))
     message = str(caught.value)
     assert "step 4 (epoch 1)" in message and "loss is nan" in message
@@ -173,10 +174,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 def test_a_huge_learning_rate_is_caught_before_any_bad_checkpoint(tmp_path):
-    # lr 1e6: step 1 is fine, its update wrecks the batch norm statistics, and the loss of step 3 is NaN.
+    # lr 1e6: step 1 is fine, its update wrecks the weights, and the loss of step 2 is 3e19 (step 3's would be NaN).
     with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match=r"lr was 1e\+06") as caught:
         train(tiny_config(tmp_path / "huge", lr=1e6, warmup_iters=0))
-    assert "training diverged at step 3 (epoch 0)" in str(caught.value)
+    assert "training diverged at step 2 (epoch 0): the loss is 3" in str(caught.value)
     assert "No checkpoint had been written yet" in str(caught.value)
     assert not (tmp_path / "huge" / "last.npz").exists()
 
@@ -186,6 +187,66 @@ def test_a_huge_learning_rate_is_caught_before_any_bad_checkpoint(tmp_path):
     with np.errstate(all="ignore"), pytest.raises(TrainingDiverged, match=overflowed):
         train(tiny_config(tmp_path / "overflow", num_images=2, lr=1e40, warmup_iters=0))
     assert not (tmp_path / "overflow" / "last.npz").exists()
+
+
+def test_a_loss_that_explodes_but_stays_finite_is_caught(tmp_path):
+    # Adam at lr 10: step 1's loss is 1.656, step 2's is 9e18, finite: caught, and step 1's checkpoint kept.
+    config = tiny_config(tmp_path / "explodes", lr=10.0, optimizer="adam", warmup_iters=0, checkpoint_every=1)
+    with np.errstate(all="ignore"), pytest.raises(TrainingDiverged) as caught:
+        train(config)
+    message = str(caught.value)
+    assert re.search(r"^training diverged at step 2 \(epoch 0\): the loss is [\d.]+e\+\d+, over 1000 times where "
+                     r"it started \(1.6", message), message
+    assert int(load(tmp_path / "explodes" / "last.npz")["step"]) == 1 and "was kept" in message
+
+
+def test_images_with_nan_pixels_are_refused_by_index(tmp_path):
+    class OneNaN(StopAfter):
+        def __getitem__(self, index):
+            image, target = self.dataset[index]
+            return (np.full_like(image, np.nan), target) if index == 4 else (image, target)
+
+    config = tiny_config(tmp_path / "nan")
+    with pytest.raises(ValueError, match=r"^train: image 4 of the dataset has NaN or infinite pixels; fix or remove"):
+        train(config, dataset=OneNaN(tiny_shapes(config), reads=0))
+
+
+def test_a_moved_run_folder_resumes_and_a_torn_metrics_line_is_dropped(tmp_path):
+    config = tiny_config(tmp_path / "here", checkpoint_every=1)
+    whole = train(tiny_config(tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        train(config, dataset=StopAfter(tiny_shapes(config), reads=9))
+    (tmp_path / "here").rename(tmp_path / "there")
+    metrics = tmp_path / "there" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "epoch": 1, "lr"')        # cut off mid-write
+    (tmp_path / "there" / ".tmp-abc123.npz").write_bytes(b"half a checkpoint")        # a killed write's leftover
+    with pytest.warns(UserWarning, match="dropped its last line 5, which was cut off"):
+        resumed = train(dataclasses.replace(config, out=str(tmp_path / "there")), resume=True)
+    assert_same_weights(weights(resumed.model), weights(whole.model))
+    assert [row["step"] for row in resumed.metrics] == list(range(1, 10))
+    assert not list((tmp_path / "there").glob(".tmp-*"))
+
+    metrics.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON row of metrics"):
+        train(dataclasses.replace(config, out=str(tmp_path / "there")), resume=True)
+
+
+def test_a_fresh_run_removes_the_old_checkpoint_at_once(tmp_path):
+    train(tiny_config(tmp_path, epochs=1))
+    config = tiny_config(tmp_path, epochs=2)
+    with pytest.raises(KeyboardInterrupt):                     # killed in its first epoch, before any checkpoint
+        train(config, dataset=StopAfter(tiny_shapes(config), reads=2))
+    assert not (tmp_path / "last.npz").exists()                # so no resume can mix the old run with the new
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train(config, resume=True)
+
+
+def test_a_state_dict_is_not_taken_for_a_checkpoint(tmp_path):
+    model = build_model(tiny_config(tmp_path, num_classes=4))
+    md.save(model.state_dict(), tmp_path / "weights.npz")
+    with pytest.raises(ValueError, match=r"weights.npz is not a checkpoint of minidet train: it holds the weights "
+                                         r"of a model \(a state dict"):
+        load_trained_model(tmp_path / "weights.npz")
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------------
