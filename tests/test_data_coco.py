@@ -124,8 +124,10 @@ def test_image_size_mismatch_is_an_error(tmp_path):
     coco = json.loads((folder / "annotations.json").read_text())
     coco["images"][0]["width"] = 31
     write_json(coco, folder / "annotations.json")
-    with pytest.raises(ValueError, match="annotations say 20 x 31"):
-        CocoDataset(folder)[0]
+    with pytest.raises(ValueError, match=r"a.png is 30 x 20 pixels \(W x H\) but the annotations say 31 x 20"):
+        CocoDataset(folder)                                   # found when the dataset is opened: the header says so
+    skipped = CocoDataset(folder, on_error="skip")
+    assert len(skipped) == 0 and "annotations say 31 x 20" in skipped.problems[0]
 
 
 VOC = """<annotation><filename>{name}</filename><size><width>30</width><height>20</height><depth>3</depth></size>
@@ -241,3 +243,47 @@ def test_interrupted_write_leaves_the_old_file(tmp_path):
         write_atomically(path, write_half_then_fail)
     assert json.loads(path.read_text()) == {"old": 1}
     assert os.listdir(tmp_path) == ["annotations.json"]
+
+
+def test_broken_image_files_are_found_when_the_dataset_is_opened(tmp_path):
+    folder = make_folder(tmp_path, [], images=(("a.png", 20, 30), ("b.png", 20, 30), ("c.png", 20, 30)))
+    (folder / "images" / "b.png").write_bytes(b"not a png at all")
+    noise = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)   # does not compress away
+    PIL.Image.fromarray(noise).save(folder / "images" / "c.png")
+    data = (folder / "images" / "c.png").read_bytes()
+    with pytest.raises(ValueError, match=r"1 bad annotations:\n  image 1 \(id 11, 'b.png'\): file \S+b.png cannot be "
+                                         r"read as an image \(UnidentifiedImageError"):
+        CocoDataset(folder)
+    dataset = CocoDataset(folder, on_error="skip")
+    assert len(dataset) == 2 and "b.png cannot be read" in dataset.problems[0]
+    (folder / "images" / "c.png").write_bytes(data[:-200])                     # the header is there, pixels cut off
+    dataset = CocoDataset(folder, on_error="skip")
+    with pytest.raises(ValueError, match=r"c.png: cannot be decoded as an image .*; replace the file"):
+        dataset[1]
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"[1, 2]", "holds a JSON list, not the object a COCO annotations file is"),
+    (b'{"images": [1], "annotations": [], "categories": []}', r"images \[0\] is not JSON objects"),
+    (b'{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "a"}]}',
+     r"the category names \['a'\] are given to more than one id"),
+    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'.encode("latin-1"),
+     "not UTF-8 text"),
+])
+def test_malformed_annotation_files_get_one_clear_message(tmp_path, text, message):
+    folder = make_folder(tmp_path, [])
+    (folder / "annotations.json").write_bytes(text)
+    with pytest.raises(ValueError, match=message):
+        CocoDataset(folder)
+
+
+def test_duplicate_ids_are_reported_not_resolved(tmp_path):
+    folder = make_folder(tmp_path, [ann(1, 10, 7, [1, 1, 5, 5]), ann(2, 11, 7, [2, 2, 6, 6])])
+    coco = json.loads((folder / "annotations.json").read_text())
+    coco["images"][1]["id"] = coco["images"][0]["id"]
+    coco["annotations"][1]["id"] = coco["annotations"][0]["id"]
+    write_json(coco, folder / "annotations.json")
+    dataset = CocoDataset(folder, on_error="skip")
+    assert len(dataset) == 0                                   # which image is id 1 cannot be known: neither is used
+    assert any("another image has the id" in p for p in dataset.problems)
+    assert any("another annotation has the id" in p for p in dataset.problems)

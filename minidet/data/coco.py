@@ -95,7 +95,11 @@ def read_image(path):
     8-bit PNGs come back as ``uint8 / 255`` in float32 (matplotlib's ``imread``), other 8-bit formats are divided
     the same way, so the values do not depend on the format.
     """
-    pixels = matplotlib.image.imread(path)
+    try:
+        pixels = matplotlib.image.imread(path)
+    except (OSError, SyntaxError, ValueError) as error:   # PIL's errors for broken files are of these kinds
+        raise ValueError(f"{path}: cannot be decoded as an image ({type(error).__name__}: {error}); replace the "
+                         "file, or leave it out of the annotations") from error
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     pixels = pixels[:, :, :3]                                             # drop alpha
@@ -156,20 +160,17 @@ class CocoDataset:
         if not os.path.isdir(images_dir):
             raise FileNotFoundError(f"CocoDataset: images folder {images_dir!r} does not exist")
         self.images_dir, self.annotations_path, self.on_error = images_dir, annotations_path, on_error
-        with open(annotations_path) as f:
-            try:
-                coco = json.load(f)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{annotations_path}: not valid JSON ({error})") from error
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(coco.get(key), list):
-                raise ValueError(f"{annotations_path}: no {key!r} list; a COCO annotations file has 'images', "
-                                 "'annotations' and 'categories'")
+        coco = _read_annotations(annotations_path)
 
-        ids = [c.get("id") if isinstance(c, dict) else None for c in coco["categories"]]
+        ids = [c.get("id") for c in coco["categories"]]
         if not all(isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
             raise ValueError(f"{annotations_path}: every category needs a distinct integer 'id' (and a 'name'); "
                              f"got ids {ids}")
+        names = [str(c.get("name", c["id"])) for c in coco["categories"]]
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"{annotations_path}: the category names {twice} are given to more than one id; each "
+                             "class needs its own name")
         categories = sorted(coco["categories"], key=lambda c: c["id"])
         self.category_ids = tuple(int(c["id"]) for c in categories)
         self.classes = tuple(str(c.get("name", c["id"])) for c in categories)
@@ -177,21 +178,38 @@ class CocoDataset:
 
         self.problems, self.notes = [], []
         images = {}                                                   # image id -> its entry, in file order
+        duplicates = set()                                            # image ids given to more than one entry
         for index, entry in enumerate(coco["images"]):
             where = f"image {index} (id {entry.get('id')}, {entry.get('file_name')!r})"
             path = os.path.join(images_dir, str(entry.get("file_name")))
-            if not os.path.isfile(path):
+            if entry.get("id") in images or entry.get("id") in duplicates:
+                duplicates.add(entry.get("id"))
+                self.problems.append(f"{where}: another image has the id {entry.get('id')} too")
+            elif not os.path.isfile(path):
                 self.problems.append(f"{where}: file {path} is missing")
             elif not all(isinstance(entry.get(k), int) and entry[k] > 0 for k in ("width", "height")):
                 self.problems.append(f"{where}: width and height must be positive integers")
             else:
-                images[entry["id"]] = entry
+                problem = _check_image_file(path, entry)
+                if problem:
+                    self.problems.append(f"{where}: {problem}")
+                else:
+                    images[entry["id"]] = entry
+        for image_id in duplicates:             # which of the entries is right cannot be known: none is used
+            images.pop(image_id, None)
         known_image_ids = {entry.get("id") for entry in coco["images"]}
         boxes = {image_id: [] for image_id in images}
         labels = {image_id: [] for image_id in images}
+        annotation_ids = set()
         for index, ann in enumerate(coco["annotations"]):
             where = f"annotation {index} (id {ann.get('id')}, image_id {ann.get('image_id')})"
             image_id = ann.get("image_id")
+            if ann.get("id") is not None and ann.get("id") in annotation_ids:
+                self.problems.append(f"{where}: another annotation has the id {ann.get('id')} too")
+                continue
+            annotation_ids.add(ann.get("id"))
+            if image_id in duplicates:
+                continue                              # its image's id is ambiguous: already reported above
             if ann.get("iscrowd", 0):
                 self.notes.append(f"{where}: iscrowd=1, skipped (crowd regions are not single objects)")
                 continue
@@ -233,6 +251,43 @@ class CocoDataset:
 
     def __repr__(self):
         return f"CocoDataset({self.annotations_path!r}, {len(self)} images, classes={self.classes})"
+
+
+def _read_annotations(path):
+    """The annotations file as a dict whose "images", "annotations" and "categories" are lists of objects."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            coco = json.load(f)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error}); a COCO annotations file is JSON, which is UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(coco, dict):
+        raise ValueError(f"{path}: holds a JSON {type(coco).__name__}, not the object a COCO annotations file is: "
+                         '{"images": [...], "annotations": [...], "categories": [...]}')
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise ValueError(f"{path}: no {key!r} list; a COCO annotations file has 'images', 'annotations' and "
+                             "'categories'")
+        wrong = [i for i, entry in enumerate(coco[key]) if not isinstance(entry, dict)]
+        if wrong:
+            raise ValueError(f"{path}: {key} {wrong[:5]} {'is' if len(wrong) == 1 else 'are'} not JSON objects "
+                             f"({len(wrong)} of {len(coco[key])}); each entry of {key!r} is an object {{...}}")
+    return coco
+
+
+def _check_image_file(path, entry):
+    """None, or what is wrong with the image file at ``path``: it cannot be opened as an image (its header is read,
+    not its pixels), or its size is not the entry's width and height."""
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"file {path} cannot be read as an image ({type(error).__name__}: {error})"
+    if (width, height) != (entry["width"], entry["height"]):
+        return (f"file {path} is {width} x {height} pixels (W x H) but the annotations say {entry['width']} x "
+                f"{entry['height']}")
+    return None
 
 
 def _check_bbox(bbox, image):
