@@ -91,6 +91,19 @@ def test_image_sizes_must_be_multiples_of_32():
         small_model().predict(np.zeros((1, 1, 64, 64), np.float32))
 
 
+def test_edge_batches_name_their_cause():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"the batch is empty \(0 images\)"):
+        model(images(n=0), [])
+    with pytest.raises(ValueError, match=r"got one dict; for a single image pass \[target\]"):
+        model(images(), target([[0, 0, 10, 10]], [0]))
+    with pytest.raises(ValueError, match=r"training batch norm on 1 image of 32 x 32 leaves one value per channel "
+                                         r"on C5 \(1 x 1\).*2 or more images a batch"):
+        model(images(size=(32, 32)), [target([[0, 0, 10, 10]], [0])])
+    model(images(n=2, size=(32, 32)), [target([[0, 0, 10, 10]], [0])] * 2)      # two values per channel: fine
+    assert len(model.eval().predict(images(size=(32, 32)))) == 1                 # and inference needs no batch stats
+
+
 def test_degenerate_box_is_reported_with_its_image_and_index():
     targets = [target([[0, 0, 10, 10]], [0]), target([[0, 0, 10, 10], [5, 5, 20, 30], [30, 8, 30, 20]], [0, 1, 2])]
     with pytest.raises(ValueError, match=r"image 1, box 2: \(30, 8, 30, 20\) has x2 <= x1"):

@@ -149,6 +149,7 @@ class RetinaNet(nn.Module):
             return self.predict(images)
         images = self._check_images(images)
         self._check_targets(targets, images.shape[0])     # before the network runs: fail fast
+        self._check_batch_norm_statistics(images)
         cls_logits, box_deltas, anchors, _ = self.head_outputs(images)
         return self.compute_loss(cls_logits, box_deltas, anchors, targets)
 
@@ -308,6 +309,8 @@ class RetinaNet(nn.Module):
             raise ValueError(f"RetinaNet: images must be (N, 3, H, W), got shape {tuple(images.shape)}")
         if images.dtype.kind != "f":
             raise TypeError(f"RetinaNet: images must be float32, got {images.dtype}")
+        if images.shape[0] == 0:
+            raise ValueError("RetinaNet: the batch is empty (0 images); give at least one image")
         height, width = images.shape[-2:]
         if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
             padded = tuple(-(-n // SIZE_DIVISOR) * SIZE_DIVISOR for n in (height, width))
@@ -316,8 +319,23 @@ class RetinaNet(nn.Module):
                              f"{padded[0]} x {padded[1]}")
         return images
 
+    def _check_batch_norm_statistics(self, images):
+        """In training, batch norm needs two or more values per channel on C5, its smallest map (1/32 of the image):
+        raise ValueError, with the fix, for a batch too small for that."""
+        if not (self.training and any(isinstance(m, nn.BatchNorm2d) for m in self.backbone.modules())):
+            return
+        n, _, height, width = images.shape
+        if n * (height // SIZE_DIVISOR) * (width // SIZE_DIVISOR) < 2:
+            raise ValueError(f"RetinaNet: training batch norm on {n} image{'s' * (n != 1)} of {height} x {width} "
+                             f"leaves one value per channel on C5 ({height // SIZE_DIVISOR} x "
+                             f"{width // SIZE_DIVISOR}), whose variance is 0; train on 2 or more images a batch, or "
+                             "on images of 64 px or more")
+
     def _check_targets(self, targets, num_images):
         """Raise ValueError, naming the image and the box, unless ``targets`` are N usable annotations."""
+        if isinstance(targets, dict):
+            raise ValueError("RetinaNet: targets must be a list with one dict per image, got one dict; for a single "
+                             "image pass [target]")
         if len(targets) != num_images:
             raise ValueError(f"RetinaNet: {len(targets)} targets for {num_images} images; give one dict per image")
         for i, target in enumerate(targets):
