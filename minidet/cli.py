@@ -126,7 +126,19 @@ def report_evaluation(model, config, dataset, out, batch_size, sizes=None, progr
 
 
 # --- the commands ---------------------------------------------------------------------------------------------------
+def check_flags(args, *names):
+    """Raise ValueError, naming the flag, for a count below 1 or a --score-thresh outside [0, 1], before any work."""
+    for name in names:
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if name == "score_thresh" and not 0 <= value <= 1:
+            raise ValueError(f"{flag} must be from 0 to 1 (a probability), got {value}")
+        if name != "score_thresh" and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+
+
 def demo(args):
+    check_flags(args, "val_images")
     started = time.perf_counter()
     config = TrainConfig(num_images=args.train_images, image_size=args.image_size, epochs=args.epochs,
                          data_seed=args.seed, seed=args.seed, device=args.device, out=args.out)
@@ -166,6 +178,7 @@ def demo(args):
 
 
 def make_shapes(args):
+    check_flags(args, "num_images")
     if os.path.exists(os.path.join(args.out, "annotations.json")):
         raise FileExistsError(f"{args.out!r} already holds a dataset (annotations.json); choose another folder "
                               "or delete it")
@@ -196,12 +209,14 @@ def train_command(args):
 
 
 def evaluate_command(args):
+    check_flags(args, "num_images", "batch_size")
     model, config = load_trained_model(args.checkpoint, device=args.device)
     dataset = dataset_from_args(args, config, held_out=True)
     report_evaluation(model, config, dataset, args.out, batch_size=args.batch_size, sizes=resize_settings(args, config))
 
 
 def detect(args):
+    check_flags(args, "batch_size", "score_thresh")
     paths = image_paths(args.images)
     model, config = load_trained_model(args.checkpoint, device=args.device)
     model.score_thresh = args.score_thresh
@@ -226,6 +241,7 @@ def detect(args):
 
 
 def inspect_anchors(args):
+    check_flags(args, "num_images", "show")
     dataset = dataset_from_args(args)
     settings = dict(anchor_sizes=args.anchor_sizes, aspect_ratios=args.aspect_ratios,
                     min_size=getattr(args, "min_size", _default("min_size")),

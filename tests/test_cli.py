@@ -364,3 +364,67 @@ def test_ctrl_c_says_how_to_resume_and_debug_shows_the_traceback(tmp_path, capsy
     assert main(["evaluate", str(tmp_path / "none.npz")]) == 1
     with pytest.raises(FileNotFoundError, match="none.npz"):
         main(["evaluate", str(tmp_path / "none.npz"), "--debug"])
+
+
+def bad_invocations(tmp_path, checkpoint, data):
+    """(argv, what the one-line message must hold) for every command: missing files, folders given as files and
+    files as folders, and values out of range."""
+    missing, a_file, a_folder = str(tmp_path / "missing"), str(tmp_path / "note.txt"), str(tmp_path)
+    images = str(data / "images")
+    return [
+        (["demo", "--epochs", "0", "--out", a_folder + "/d"], "epochs must be"),
+        (["demo", "--train-images", "0", "--out", a_folder + "/d"], "num_images must be"),
+        (["demo", "--val-images", "0", "--out", a_folder + "/d"], "--val-images"),
+        (["demo", "--image-size", "10", "--out", a_folder + "/d"], "image_size must be"),
+        (["make-shapes", a_file], a_file),
+        (["make-shapes", a_folder + "/s", "--num-images", "0"], "--num-images"),
+        (["make-shapes", a_folder + "/s", "--object-sizes", "50", "10"], "min_size"),
+        (["train", "--data", missing, "--out", a_folder + "/t"], missing),
+        (["train", "--data", a_file, "--out", a_folder + "/t"], a_file),
+        (["train", "--images", images, "--annotations", missing, "--out", a_folder + "/t"], missing),
+        (["train", "--images", a_file, "--annotations", str(data / "annotations.json"), "--out", a_folder + "/t"],
+         a_file),
+        (["train", "--lr", "-1", "--out", a_folder + "/t"], "lr must be"),
+        (["train", "--num-images", "0", "--out", a_folder + "/t"], "num_images must be"),
+        (["train", *TINY_TRAIN, "--out", a_file], a_file),
+        (["evaluate", missing], missing),
+        (["evaluate", a_folder], "is a folder"),
+        (["evaluate", a_file], a_file),
+        (["evaluate", checkpoint, "--batch-size", "0", "--out", a_folder + "/e"], "--batch-size"),
+        (["evaluate", checkpoint, "--data", missing, "--out", a_folder + "/e"], missing),
+        (["evaluate", checkpoint, "--num-images", "0", "--out", a_folder + "/e"], "--num-images"),
+        (["detect", missing, images], missing),
+        (["detect", checkpoint, missing], missing),
+        (["detect", checkpoint, a_file, "--out", a_folder + "/x"], a_file),
+        (["detect", checkpoint, images, "--batch-size", "0", "--out", a_folder + "/x"], "--batch-size"),
+        (["detect", checkpoint, images, "--score-thresh", "1.5", "--out", a_folder + "/x"], "--score-thresh"),
+        (["detect", checkpoint, images, "--out", a_file], a_file),
+        (["inspect-anchors", "--data", missing, "--out", a_folder + "/i"], missing),
+        (["inspect-anchors", "--num-images", "0", "--out", a_folder + "/i"], "--num-images"),
+        (["inspect-anchors", "--show", "0", "--out", a_folder + "/i"], "--show"),
+        (["inspect-anchors", "--anchor-sizes", "1,2", "--out", a_folder + "/i"], "anchor"),
+        (["convert", missing, a_folder + "/c.npz"], missing),
+        (["convert", a_file, missing + "/c.npz"], missing),
+        (["convert", a_file, a_folder + "/c.npz", "--eps", "-1"], "--eps"),
+    ]
+
+
+def test_every_command_answers_bad_input_with_one_line_and_status_1(tmp_path, tiny_run, capsys):
+    checkpoint, data = (str(p) for p in tiny_run)
+    (tmp_path / "note.txt").write_text("not an image, a checkpoint, a folder or a dataset")
+    from pathlib import Path as P
+    for argv, expected in bad_invocations(tmp_path, checkpoint, P(data)):
+        status = main(argv)
+        err = capsys.readouterr().err
+        assert status == 1, f"{argv}: status {status}, {err!r}"
+        assert err.startswith(f"minidet {argv[0]}: ") and err.count("\n") == 1, f"{argv}: {err!r}"
+        assert expected in err, f"{argv}: {err!r} does not say {expected!r}"
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["train", "--lr", "fast"], ["detect"], ["evaluate", "a", "--batch-size", "x"],
+                                  ["inspect-anchors", "--min-size", "big"], ["nonsense"]])
+def test_usage_errors_are_argparse_s_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "usage: minidet" in capsys.readouterr().err
