@@ -137,11 +137,23 @@ def check_flags(args, *names):
             raise ValueError(f"{flag} must be at least 1, got {value}")
 
 
+def config_from_flags(flags_of=None, **settings):
+    """``TrainConfig(**settings)``, its error naming the flag that set the bad value (``flags_of``: setting name ->
+    flag, where the flag is not the setting's name with dashes)."""
+    try:
+        return TrainConfig(**settings)
+    except ValueError as error:
+        name = str(error).split(":", 1)[1].split()[0]                      # "TrainConfig: lr must be ..." -> lr
+        flag = (flags_of or {}).get(name, "--" + name.replace("_", "-"))
+        raise ValueError(str(error).replace(f"TrainConfig: {name}", f"{flag} (TrainConfig.{name})", 1)) from None
+
+
 def demo(args):
     check_flags(args, "val_images")
     started = time.perf_counter()
-    config = TrainConfig(num_images=args.train_images, image_size=args.image_size, epochs=args.epochs,
-                         data_seed=args.seed, seed=args.seed, device=args.device, out=args.out)
+    config = config_from_flags({"num_images": "--train-images", "data_seed": "--seed"},
+                               num_images=args.train_images, image_size=args.image_size, epochs=args.epochs,
+                               data_seed=args.seed, seed=args.seed, device=args.device, out=args.out)
     train_set = Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
     print(f"minidet demo: a RetinaNet ({config.backbone}, FPN {config.fpn_channels}) learns to find "
           f"{', '.join(train_set.classes)} in {config.num_images} synthetic {config.image_size}-px images "
@@ -197,7 +209,7 @@ def train_command(args):
                 if name in fields and (value is not None or name in ("min_size", "max_size"))}
     if settings.get("head_norm") == "none":
         settings["head_norm"] = None
-    config = TrainConfig(**settings, data_seed=args.seed)
+    config = config_from_flags({"data_seed": "--seed"}, **settings, data_seed=args.seed)
     checkpoint = os.path.join(args.out, "last.npz")
     if os.path.exists(checkpoint) and not (args.resume or args.overwrite):
         raise FileExistsError(f"{checkpoint} exists: add --resume to continue that run, --overwrite to start "

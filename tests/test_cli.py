@@ -64,7 +64,7 @@ def test_unknown_flag_is_one_clear_line(capsys):
 def test_a_bad_training_setting_is_one_clear_line(tmp_path, capsys, flag, value, setting):
     assert main(["train", flag, value, "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"minidet train: TrainConfig: {setting} must be ") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"minidet train: {flag} (TrainConfig.{setting}) must be ") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()                 # nothing was started
 
 
@@ -310,7 +310,7 @@ def test_size_flags_resize_and_detections_stay_in_original_pixels(tmp_path, tiny
         main(["detect", str(checkpoint), str(tmp_path / "big.png"), "--max-size", "big"])
     assert "'big' is not a whole number of pixels or 'none'" in capsys.readouterr().err
     assert main(["train", *TINY_TRAIN, "--min-size", "600", "--max-size", "500", "--out", str(tmp_path / "r")]) == 1
-    assert "TrainConfig: min_size must be at most max_size (500), got 600" in capsys.readouterr().err
+    assert "--min-size (TrainConfig.min_size) must be at most max_size (500), got 600" in capsys.readouterr().err
 
 
 def test_small_objects_get_fitted_anchors_unless_told_otherwise(tmp_path, capsys):
@@ -340,7 +340,7 @@ def test_small_objects_get_fitted_anchors_unless_told_otherwise(tmp_path, capsys
         main([*run, "--aspect-ratios", "1:2"])
     assert "'1:2' is not a comma-separated list of numbers" in capsys.readouterr().err
     assert main([*run, "--anchor-sizes", "16,32", "--out", str(tmp_path / "bad")]) == 1
-    assert "anchor_sizes must be None or 5 increasing sizes" in capsys.readouterr().err
+    assert "--anchor-sizes (TrainConfig.anchor_sizes) must be None or 5 increasing" in capsys.readouterr().err
 
 
 def test_ctrl_c_says_how_to_resume_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
@@ -372,10 +372,10 @@ def bad_invocations(tmp_path, checkpoint, data):
     missing, a_file, a_folder = str(tmp_path / "missing"), str(tmp_path / "note.txt"), str(tmp_path)
     images = str(data / "images")
     return [
-        (["demo", "--epochs", "0", "--out", a_folder + "/d"], "epochs must be"),
-        (["demo", "--train-images", "0", "--out", a_folder + "/d"], "num_images must be"),
+        (["demo", "--epochs", "0", "--out", a_folder + "/d"], "--epochs (TrainConfig.epochs) must be"),
+        (["demo", "--train-images", "0", "--out", a_folder + "/d"], "--train-images (TrainConfig.num_images) must be"),
         (["demo", "--val-images", "0", "--out", a_folder + "/d"], "--val-images"),
-        (["demo", "--image-size", "10", "--out", a_folder + "/d"], "image_size must be"),
+        (["demo", "--image-size", "10", "--out", a_folder + "/d"], "--image-size (TrainConfig.image_size)"),
         (["make-shapes", a_file], a_file),
         (["make-shapes", a_folder + "/s", "--num-images", "0"], "--num-images"),
         (["make-shapes", a_folder + "/s", "--object-sizes", "50", "10"], "min_size"),
@@ -384,8 +384,8 @@ def bad_invocations(tmp_path, checkpoint, data):
         (["train", "--images", images, "--annotations", missing, "--out", a_folder + "/t"], missing),
         (["train", "--images", a_file, "--annotations", str(data / "annotations.json"), "--out", a_folder + "/t"],
          a_file),
-        (["train", "--lr", "-1", "--out", a_folder + "/t"], "lr must be"),
-        (["train", "--num-images", "0", "--out", a_folder + "/t"], "num_images must be"),
+        (["train", "--lr", "-1", "--out", a_folder + "/t"], "--lr (TrainConfig.lr) must be"),
+        (["train", "--num-images", "0", "--out", a_folder + "/t"], "--num-images (TrainConfig.num_images)"),
         (["train", *TINY_TRAIN, "--out", a_file], a_file),
         (["evaluate", missing], missing),
         (["evaluate", a_folder], "is a folder"),
