@@ -55,7 +55,7 @@ class Optimizer:
                     if setting != "params"}
         missing = sorted(expected - set(state_dict))
         if missing:
-            raise KeyError(f"{type(self).__name__}.load_state_dict: missing keys {missing}; is this the state of "
+            raise ValueError(f"{type(self).__name__}.load_state_dict: missing keys {missing}; is this the state of "
                            f"a {type(self).__name__}?")
         for g, group in enumerate(self.param_groups):
             for setting in group:
@@ -69,7 +69,7 @@ class Optimizer:
             _, index, name = key.split(".", 2)
             index = int(index)
             if index >= len(params):
-                raise KeyError(f"{type(self).__name__}.load_state_dict: state for parameter {index}, but this "
+                raise ValueError(f"{type(self).__name__}.load_state_dict: state for parameter {index}, but this "
                                f"optimizer has {len(params)} parameters")
             p = params[index]
             value = np.asarray(value)

@@ -70,12 +70,18 @@ def test_load_state_dict_names_every_problem_at_once():
     del state["bn.bias"]
     state["head.weight"] = np.zeros(3)
     state["conv.weight"] = np.zeros((4, 2, 1, 1))
-    with pytest.raises(KeyError) as error:
+    with pytest.raises(ValueError) as error:
         Block().load_state_dict(state)
     message = str(error.value)
-    assert "missing keys: bn.bias" in message
-    assert "unexpected keys: head.weight" in message
+    assert "missing keys (1) bn.bias" in message
+    assert "unexpected keys (1) head.weight" in message
     assert "conv.weight: checkpoint (4, 2, 1, 1), model (4, 2, 3, 3)" in message
+
+
+def test_load_state_dict_lists_five_of_many_problems_and_counts_them():
+    state = {f"extra{i}": np.zeros(1) for i in range(40)}
+    with pytest.raises(ValueError, match=r"unexpected keys \(40\) extra0, extra1, extra2, extra3, extra4 and 35 more"):
+        Block().load_state_dict({**Block().state_dict(), **state})
 
 
 def test_load_state_dict_non_strict_reports_but_allows_missing_keys():

@@ -132,9 +132,9 @@ class Module:
     def load_state_dict(self, state_dict, strict=True):
         """Copy values from ``state_dict`` (name -> array) into this module's parameters and buffers.
 
-        Every problem is reported at once: missing keys, unexpected keys and
-        shape mismatches. With ``strict=False``, missing and unexpected keys are
-        allowed (shape mismatches never are). Returns ``(missing, unexpected)``.
+        Every problem is reported at once, in one ValueError: missing keys, unexpected keys and
+        shape mismatches (the first five of each, and how many). With ``strict=False``, missing and unexpected keys
+        are allowed (shape mismatches never are). Returns ``(missing, unexpected)``.
         """
         own = dict(self.named_parameters())
         own.update(self.named_buffers())
@@ -142,15 +142,20 @@ class Module:
         unexpected = [k for k in state_dict if k not in own]
         mismatched = [f"{k}: checkpoint {tuple(np.shape(state_dict[k]))}, model {tuple(np.shape(own[k]))}"
                       for k in own if k in state_dict and tuple(np.shape(state_dict[k])) != tuple(np.shape(own[k]))]
+        def listed(items, separator=", ", shown=5):
+            more = f" and {len(items) - shown} more" if len(items) > shown else ""
+            return f"({len(items)}) " + separator.join(items[:shown]) + more
+
         problems = []
         if mismatched:
-            problems.append("shape mismatch for " + "; ".join(mismatched))
+            problems.append("shape mismatch for " + listed(mismatched, "; "))
         if strict and missing:
-            problems.append("missing keys: " + ", ".join(missing))
+            problems.append("missing keys " + listed(missing))
         if strict and unexpected:
-            problems.append("unexpected keys: " + ", ".join(unexpected))
+            problems.append("unexpected keys " + listed(unexpected))
         if problems:
-            raise KeyError(f"load_state_dict into {type(self).__name__}: " + ". ".join(problems))
+            raise ValueError(f"load_state_dict into {type(self).__name__}: " + ". ".join(problems)
+                             + ". Were these weights saved from a model built with other settings?")
         for prefix, module in self.named_modules():
             for name, p in module._parameters.items():
                 if prefix + name in state_dict:
