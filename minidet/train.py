@@ -485,14 +485,18 @@ def train(config=None, dataset=None, resume=False):
             the class names in ``dataset.classes``; images of different sizes are padded together.
         resume: continue the run in ``config.out`` from its ``last.npz``, exactly where it stopped: the result is
             the same as if it had never stopped. The settings must be the checkpoint's, but for
-            ``RESUMABLE_CHANGES`` (device, progress bar, logging, checkpoint frequency).
+            ``RESUMABLE_CHANGES`` (device, progress bar, logging, checkpoint frequency, and the folder's path: a
+            moved or copied run folder resumes where it is).
 
     Returns:
-        ``TrainResult(model, out, metrics)``: the model (in training mode, on ``config.device``), the run folder
-        and the rows of its ``metrics.jsonl``.
+        ``TrainResult(model, out, metrics, config)``: the model (in training mode, on ``config.device``), the run
+        folder, the rows of its ``metrics.jsonl`` and the settings it trained with (classes and fitted anchors
+        filled in).
 
     Raises:
-        TrainingDiverged: the loss or a gradient became NaN or infinite (``last.npz`` is left as it was).
+        TrainingDiverged: the loss or a gradient became NaN or infinite, or the loss exploded (``last.npz`` is left
+            as it was).
+        ValueError: an image of the dataset has NaN or infinite pixels (named by its index).
     """
     config = config or TrainConfig()
     backend.check_device_name(config.device)
