@@ -32,6 +32,7 @@ from minidet.checkpoint import write_atomically
 from minidet.data import CocoDataset, Shapes, export_coco
 from minidet.data.coco import read_image
 from minidet.evaluate import coco_evaluate, predict_dataset, predict_images, relabel_to_dataset
+from minidet.models import BACKBONES
 from minidet.models.torchvision_weights import EPS_KEY, convert_torchvision_state_dict, torchvision_num_classes
 from minidet.train import TrainConfig, load_trained_model, train
 
@@ -402,7 +403,7 @@ def add_train_flags(parser):
         ("--warmup-iters", int, "steps of linear learning-rate warm-up"),
         ("--weight-decay", float, "L2 weight decay"),
         ("--clip-grad-norm", float, "clip the gradients' global norm to this (default: no clipping)"),
-        ("--backbone", ["resnet_small", "resnet18", "resnet34", "resnet50"], "the backbone network"),
+        ("--backbone", sorted(BACKBONES), "the backbone network (the _small ones train on a laptop CPU)"),
         ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
         ("--head-norm", ["group", "none"], "normalisation in the subnets' towers"),
         ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (minidet.models.PRESETS)"),

@@ -1,4 +1,4 @@
-"""RetinaNet and its parts: backbones, the feature pyramid, the subnets.
+"""RetinaNet and its parts: backbones (ResNet, VGG), the feature pyramid, the subnets.
 
     model = minidet.models.RetinaNet(num_classes=3, backbone="resnet18")
     losses = model(images, targets)       # training
@@ -16,7 +16,9 @@ from minidet.models.torchvision_weights import (
     load_torchvision_weights,
     torchvision_num_classes,
 )
+from minidet.models.vgg import VGG, convert_torchvision_vgg, vgg11, vgg11_bn, vgg16, vgg16_bn, vgg_small
 
 __all__ = ["RetinaNet", "PRESETS", "BACKBONES", "FeaturePyramid", "ClassificationHead", "RegressionHead",
            "ResNet", "BasicBlock", "Bottleneck", "resnet18", "resnet34", "resnet50", "resnet_small",
+           "VGG", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "vgg_small", "convert_torchvision_vgg",
            "convert_torchvision_state_dict", "load_torchvision_weights", "torchvision_num_classes"]

@@ -26,10 +26,12 @@ from minidet.matching import BACKGROUND, IGNORED, match_anchors_batch
 from minidet.models.fpn import FeaturePyramid
 from minidet.models.heads import ClassificationHead, RegressionHead
 from minidet.models.resnet import resnet18, resnet34, resnet50, resnet_small
+from minidet.models.vgg import vgg11, vgg11_bn, vgg16, vgg16_bn, vgg_small
 
 # Backbones by name. Each builder takes ``norm`` and returns a module whose forward gives [C3, C4, C5] and whose
-# ``out_channels`` gives their channels; another family (VGG, EfficientNet) is one more line here.
-BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small}
+# ``out_channels`` gives their channels; another family is one more line here.
+BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small,
+             "vgg11": vgg11, "vgg11_bn": vgg11_bn, "vgg16": vgg16, "vgg16_bn": vgg16_bn, "vgg_small": vgg_small}
 
 # What the two presets set. The anchors follow the preset
 # of the same name in ``minidet.anchors``.

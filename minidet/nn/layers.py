@@ -124,6 +124,9 @@ class Sequential(Module):
     def __len__(self):
         return len(self._modules)
 
+    def __iter__(self):
+        return iter(self._modules.values())
+
     def forward(self, x):
         for module in self._modules.values():
             x = module(x)
