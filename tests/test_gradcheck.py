@@ -67,7 +67,7 @@ def test_reductions(xp, rng, reduce, dim, keepdim):
     gradcheck(lambda x: reduce(x, dim=dim, keepdim=keepdim), [randn(xp, rng, 2, 3, 4)])
 
 
-@pytest.mark.parametrize("op", [F.exp, F.relu, F.sigmoid, F.softplus, F.logsigmoid,
+@pytest.mark.parametrize("op", [F.exp, F.relu, F.sigmoid, F.silu, F.softplus, F.logsigmoid,
                                 lambda x: F.clamp(x, -0.5, 0.7), lambda x: F.clamp(x, min=0.1)])
 def test_elementwise(xp, rng, op):
     x = randn(xp, rng, 3, 5) * 3

@@ -330,10 +330,10 @@ def test_relu_including_exact_zeros():
     check(lambda t: t.relu(), TF.relu, [x])
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "softplus", "logsigmoid"])
+@pytest.mark.parametrize("name", ["sigmoid", "silu", "softplus", "logsigmoid"])
 def test_sigmoid_family_including_logits_of_plus_minus_100(name):
     x = with_extremes(randn(63, 4, 5, scale=4.0), (100.0, -100.0, 30.0, -30.0, 0.0))
-    torch_op = {"sigmoid": torch.sigmoid, "softplus": TF.softplus, "logsigmoid": TF.logsigmoid}[name]
+    torch_op = {"sigmoid": torch.sigmoid, "silu": TF.silu, "softplus": TF.softplus, "logsigmoid": TF.logsigmoid}[name]
     y_md, _ = check(getattr(F, name), torch_op, [x])
     assert np.all(np.isfinite(y_md.numpy()))
 

@@ -5,7 +5,7 @@ lowercase wrapper that checks its arguments and calls it.
 """
 
 from minidet.autograd import Tensor
-from minidet.functional.activation import clamp, exp, log, logsigmoid, relu, sigmoid, softplus
+from minidet.functional.activation import clamp, exp, log, logsigmoid, relu, sigmoid, silu, softplus
 from minidet.functional.arithmetic import add, div, matmul, mul, neg, pow, sub
 from minidet.functional.conv import conv2d, interpolate, max_pool2d
 from minidet.functional.loss import (
@@ -22,7 +22,7 @@ __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul",
     "sum", "mean", "max",
     "reshape", "permute", "transpose", "getitem", "cat", "concat", "stack", "pad",
-    "exp", "log", "relu", "sigmoid", "softplus", "logsigmoid", "clamp",
+    "exp", "log", "relu", "sigmoid", "silu", "softplus", "logsigmoid", "clamp",
     "conv2d", "max_pool2d", "interpolate", "batch_norm", "group_norm",
     "binary_cross_entropy_with_logits", "smooth_l1_loss", "sigmoid_focal_loss", "sigmoid_focal_loss_with_labels",
 ]

@@ -65,6 +65,19 @@ class Sigmoid(Function):
         return gy * self.e / (1 + self.e) ** 2
 
 
+class SiLU(Function):
+    """x * sigmoid(x) (also called swish), EfficientNet's activation: smooth, and negative just below 0."""
+
+    def forward(self, x):
+        self.x = x
+        self.p, _ = stable_sigmoid(x)
+        return x * self.p
+
+    def backward(self, gy):
+        # d/dx x p(x) = p + x p (1 - p) = p (1 + x (1 - p))
+        return gy * self.p * (1 + self.x * (1 - self.p))
+
+
 class Softplus(Function):
     def forward(self, x):
         self.x = x
@@ -105,6 +118,11 @@ def relu(x):
 
 def sigmoid(x):
     return Sigmoid()(x)
+
+
+def silu(x):
+    """x * sigmoid(x), as ``torch.nn.functional.silu``."""
+    return SiLU()(x)
 
 
 def softplus(x):

@@ -96,6 +96,13 @@ class ReLU(Module):
         return F.relu(x)
 
 
+class SiLU(Module):
+    """x * sigmoid(x) (see ``F.silu``)."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
 class MaxPool2d(Module):
     """Max over KH x KW windows (see ``F.max_pool2d``); ``stride`` defaults to ``kernel_size``."""
 
