@@ -113,6 +113,14 @@ def test_conv2d(xp, rng, stride, padding, kernel, groups, batch):
     gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups), [x, w, b])
 
 
+@pytest.mark.parametrize("stride, padding, kernel", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 2, 5), (1, 0, 3)])
+def test_depthwise_conv2d_one_filter_per_channel(xp, rng, stride, padding, kernel):
+    # groups = C = O takes the tap-by-tap path (DepthwiseConv2d), not im2col; EfficientNet's blocks use it.
+    x, w, b = randn(xp, rng, 2, 4, 7, 6), randn(xp, rng, 4, 1, kernel, kernel), randn(xp, rng, 4)
+    gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=stride, padding=padding, groups=4), [x, w, b])
+    gradcheck(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding, groups=4), [x, w])
+
+
 def test_conv2d_without_bias_and_with_rectangular_settings(xp, rng):
     x, w = randn(xp, rng, 2, 2, 6, 5), randn(xp, rng, 3, 2, 3, 1)
     gradcheck(lambda x, w: F.conv2d(x, w, stride=(2, 1), padding=(1, 0)), [x, w])

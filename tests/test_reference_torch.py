@@ -373,6 +373,13 @@ def test_conv2d_grid(stride, padding, kernel, groups, batch, bias):
           lambda *ts: TF.conv2d(*ts, stride=stride, padding=padding, groups=groups), inputs, rtol=HEAVY)
 
 
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 3), (1, 5), (2, 5)])
+def test_depthwise_conv2d(stride, kernel):
+    inputs = [randn(73, 3, 6, 9, 8), randn(74, 6, 1, kernel, kernel, scale=0.5), randn(75, 6)]
+    check(lambda *ts: F.conv2d(*ts, stride=stride, padding=kernel // 2, groups=6),
+          lambda *ts: TF.conv2d(*ts, stride=stride, padding=kernel // 2, groups=6), inputs, rtol=HEAVY)
+
+
 @pytest.mark.parametrize("kernel, stride, padding, groups", [
     ((3, 1), (2, 1), (1, 0), 2),
     ((1, 3), (1, 2), (0, 1), 1),

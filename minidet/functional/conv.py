@@ -175,6 +175,58 @@ class Conv2d(Function):
         return gx, gw, gb
 
 
+class DepthwiseConv2d(Function):
+    """A depthwise convolution (groups = C = O: one KH x KW filter per channel), tap by tap.
+
+    As im2col it would be C products of (1, KH*KW) x (KH*KW, L*N) rows: all copying and no arithmetic to speak of.
+    Instead each kernel tap (i, j) is one strided slice of the padded input, with the output's shape, scaled by
+    that tap's weight per channel and added up: y = sum over (i, j) of w[:, i, j] * x_pad[:, :, i::SH, j::SW].
+    """
+
+    def __init__(self, stride, padding):
+        self.stride, self.padding = stride, padding
+
+    def _taps(self, padded, kh, kw, oh, ow):
+        (sh, sw) = self.stride
+        for i in range(kh):
+            for j in range(kw):
+                yield i, j, padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
+
+    def forward(self, x, w, b=None):
+        xp = get_array_module(x)
+        (kh, kw), (sh, sw) = w.shape[2:], self.stride
+        self.padded = _pad_hw(x, self.padding)
+        self.w, self.x_shape = w, x.shape
+        oh = (self.padded.shape[2] - kh) // sh + 1
+        ow = (self.padded.shape[3] - kw) // sw + 1
+        y = xp.zeros((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)               # (N, C, OH, OW)
+        for i, j, tap in self._taps(self.padded, kh, kw, oh, ow):
+            y += tap * w[:, 0, i, j][None, :, None, None]
+        if b is not None:
+            y += b.reshape(1, -1, 1, 1)
+        return y
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        kh, kw = self.w.shape[2:]
+        oh, ow = gy.shape[2:]
+        need_x, need_w = self.needs_input_grad[:2]
+        gx = xp.zeros(self.padded.shape, dtype=gy.dtype) if need_x else None
+        gw = xp.zeros(self.w.shape, dtype=gy.dtype) if need_w else None
+        gx_taps = self._taps(gx, kh, kw, oh, ow) if need_x else None
+        for i, j, tap in self._taps(self.padded, kh, kw, oh, ow):
+            if need_w:
+                gw[:, 0, i, j] = xp.einsum("nchw,nchw->c", gy, tap)                 # sum over images and pixels
+            if need_x:
+                _, _, gx_tap = next(gx_taps)
+                gx_tap += gy * self.w[:, 0, i, j][None, :, None, None]
+        if need_x:
+            gx = xp.ascontiguousarray(_unpad_hw(gx, self.padding))
+        if len(self.needs_input_grad) == 2:
+            return gx, gw
+        return gx, gw, gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
+
+
 def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
     """2-D convolution (cross-correlation, as in every deep learning library).
 
@@ -206,6 +258,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
     if output_size(h, kh, stride[0], padding[0]) < 1 or output_size(w, kw, stride[1], padding[1]) < 1:
         raise ValueError(f"conv2d: a {kh}x{kw} kernel does not fit the {h}x{w} input with padding {padding}")
     args = (input, weight) if bias is None else (input, weight, bias)
+    if groups > 1 and groups == c == o:                       # depthwise: one filter per channel
+        return DepthwiseConv2d(stride, padding)(*args)
     return Conv2d(stride, padding, groups)(*args)
 
 

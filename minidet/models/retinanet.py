@@ -23,6 +23,7 @@ from minidet.backend import get_array_module, to_numpy
 from minidet.boxes import batched_nms, check_boxes, clip_boxes, decode_boxes, encode_boxes
 from minidet.functional.activation import stable_sigmoid
 from minidet.matching import BACKGROUND, IGNORED, match_anchors_batch
+from minidet.models.efficientnet import efficientnet_b0
 from minidet.models.fpn import FeaturePyramid
 from minidet.models.heads import ClassificationHead, RegressionHead
 from minidet.models.resnet import resnet18, resnet34, resnet50, resnet_small
@@ -31,7 +32,8 @@ from minidet.models.vgg import vgg11, vgg11_bn, vgg16, vgg16_bn, vgg_small
 # Backbones by name. Each builder takes ``norm`` and returns a module whose forward gives [C3, C4, C5] and whose
 # ``out_channels`` gives their channels; another family is one more line here.
 BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small,
-             "vgg11": vgg11, "vgg11_bn": vgg11_bn, "vgg16": vgg16, "vgg16_bn": vgg16_bn, "vgg_small": vgg_small}
+             "vgg11": vgg11, "vgg11_bn": vgg11_bn, "vgg16": vgg16, "vgg16_bn": vgg16_bn, "vgg_small": vgg_small,
+             "efficientnet_b0": efficientnet_b0}
 
 # What the two presets set. The anchors follow the preset
 # of the same name in ``minidet.anchors``.
