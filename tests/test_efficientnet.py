@@ -3,14 +3,12 @@ torchvision's efficientnet_b0 on the same weights, and a RetinaNet on it that le
 
 import numpy as np
 import pytest
+from backbone_checks import assert_same_feature_maps, realistic_batch_norm, training_losses
 
 import minidet as md
-from minidet import optim
-from minidet.data import Shapes
-from minidet.models import RetinaNet, convert_torchvision_efficientnet, efficientnet_b0
+from minidet.models import convert_torchvision_efficientnet, efficientnet_b0
 from minidet.models.efficientnet import TAPS, SqueezeExcitation, StochasticDepth
 from minidet.testing import gradcheck
-from minidet.train import training_batch
 
 
 def test_c3_c4_c5_have_strides_8_16_32_and_b0s_channels():
@@ -49,42 +47,14 @@ def test_feature_maps_equal_torchvisions_on_the_same_weights(torchvision):
     import torch
 
     torch.manual_seed(0)
-    theirs = torchvision.models.efficientnet_b0(weights=None).eval()
-    with torch.no_grad():
-        for module in theirs.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
+    theirs = realistic_batch_norm(torchvision.models.efficientnet_b0(weights=None).eval())
     ours = efficientnet_b0(norm="frozen")
     ours.load_state_dict(convert_torchvision_efficientnet({k: v.numpy() for k, v in theirs.state_dict().items()}))
     ours.eval()
     images = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
-    ours_maps = ours(md.tensor(images))
-    x, theirs_maps = torch.from_numpy(images), []
-    with torch.no_grad():
-        for index, layer in enumerate(theirs.features):
-            x = layer(x)
-            if index in TAPS:
-                theirs_maps.append(x.numpy())
-    for level, (a, b) in enumerate(zip(ours_maps, theirs_maps)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=f"C{level + 3}")
+    assert_same_feature_maps(ours, theirs.features, TAPS, images)
 
 
 def test_retinanet_on_efficientnet_b0_learns_a_few_images():
-    md.manual_seed(0)
-    model = RetinaNet(4, backbone="efficientnet_b0", fpn_channels=32, head_norm=None)
-    shapes = Shapes(4, image_size=64, seed=2, empty_fraction=0)
-    images, targets = training_batch([shapes[i] for i in range(4)], np.random.default_rng(0), 0.0, "cpu")
-    optimizer = optim.Adam(model.parameters(), lr=5e-4)
-    losses = []
-    for _ in range(20):
-        loss = model(md.tensor(images), targets)
-        total = loss["classification"] + loss["box_regression"]
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(total.item())
+    losses = training_losses("efficientnet_b0", num_images=4, lr=5e-4, steps=20)
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses

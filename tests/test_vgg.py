@@ -3,12 +3,10 @@ weights, and a RetinaNet on the small VGG that learns."""
 
 import numpy as np
 import pytest
+from backbone_checks import assert_same_feature_maps, realistic_batch_norm, training_losses
 
 import minidet as md
-from minidet import optim
-from minidet.data import Shapes
-from minidet.models import VGG, RetinaNet, convert_torchvision_vgg, vgg11, vgg11_bn, vgg16, vgg16_bn, vgg_small
-from minidet.train import training_batch
+from minidet.models import VGG, convert_torchvision_vgg, vgg11, vgg11_bn, vgg16, vgg16_bn, vgg_small
 
 
 @pytest.mark.parametrize("build, channels, weights", [
@@ -53,44 +51,15 @@ def test_feature_maps_equal_torchvisions_on_the_same_weights(torchvision, name):
     import torch
 
     torch.manual_seed(0)
-    theirs = getattr(torchvision.models, name)(weights=None).eval()
-    with torch.no_grad():                            # realistic batch norm statistics, not the fresh 0 and 1
-        for module in theirs.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
+    theirs = realistic_batch_norm(getattr(torchvision.models, name)(weights=None).eval())
     ours = {"vgg16": vgg16, "vgg16_bn": vgg16_bn, "vgg11_bn": vgg11_bn}[name](norm="frozen")
     state = {k: v.numpy() for k, v in theirs.state_dict().items()}
     ours.load_state_dict(convert_torchvision_vgg(state))
     ours.eval()
     images = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
-    ours_maps = ours(md.tensor(images))
-    x, theirs_maps = torch.from_numpy(images), []
-    with torch.no_grad():
-        for index, layer in enumerate(theirs.features):
-            x = layer(x)
-            if index in ours.taps:
-                theirs_maps.append(x.numpy())
-    assert len(theirs_maps) == 3
-    for level, (a, b) in enumerate(zip(ours_maps, theirs_maps)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=f"C{level + 3}")
+    assert_same_feature_maps(ours, theirs.features, ours.taps, images)
 
 
 def test_retinanet_on_the_small_vgg_learns_a_few_images():
-    md.manual_seed(0)
-    model = RetinaNet(4, backbone="vgg_small", fpn_channels=32, head_norm=None)
-    shapes = Shapes(4, image_size=64, seed=2, empty_fraction=0)
-    images, targets = training_batch([shapes[i] for i in range(4)], np.random.default_rng(0), 0.0, "cpu")
-    optimizer = optim.Adam(model.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(30):
-        loss = model(md.tensor(images), targets)
-        total = loss["classification"] + loss["box_regression"]
-        optimizer.zero_grad()
-        total.backward()
-        optimizer.step()
-        losses.append(total.item())
+    losses = training_losses("vgg_small", num_images=4, lr=2e-3, steps=30)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
