@@ -195,8 +195,8 @@ def make_shapes(args):
     if os.path.exists(os.path.join(args.out, "annotations.json")):
         raise FileExistsError(f"{args.out!r} already holds a dataset (annotations.json); choose another folder "
                               "or delete it")
-    low, high = args.object_sizes or (24, None)
-    dataset = Shapes(args.num_images, image_size=args.image_size, seed=args.seed, min_size=low, max_size=high)
+    sizes = dict(zip(("min_size", "max_size"), args.object_sizes)) if args.object_sizes else {}   # else Shapes'
+    dataset = Shapes(args.num_images, image_size=args.image_size, seed=args.seed, **sizes)
     path = export_coco(dataset, args.out)
     print(f"wrote {len(dataset)} images of {args.image_size} px ({', '.join(dataset.classes)}, objects of "
           f"{dataset.min_size:g} to {dataset.max_size:g} px) and {path}")
