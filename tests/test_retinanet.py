@@ -63,8 +63,8 @@ def test_options_override_the_preset():
 def test_unknown_preset_and_backbone_are_refused():
     with pytest.raises(ValueError, match="unknown preset 'detectron'"):
         RetinaNet(3, preset="detectron")
-    with pytest.raises(ValueError, match="unknown backbone 'vgg16'.*resnet_small"):
-        RetinaNet(3, backbone="vgg16")
+    with pytest.raises(ValueError, match="unknown backbone 'mobilenet_v2'.*resnet_small.*vgg16"):
+        RetinaNet(3, backbone="mobilenet_v2")
 
 
 def test_torchvision_retinanet_resnet50_fpn_state_dict_size_and_names():
