@@ -32,7 +32,7 @@ from minidet.checkpoint import write_atomically
 from minidet.data import CocoDataset, Shapes, export_coco
 from minidet.data.coco import read_image
 from minidet.evaluate import coco_evaluate, predict_dataset, predict_images, relabel_to_dataset
-from minidet.models import BACKBONES
+from minidet.models import BACKBONES, convert_torchvision_efficientnet, convert_torchvision_vgg
 from minidet.models.torchvision_weights import EPS_KEY, convert_torchvision_state_dict, torchvision_num_classes
 from minidet.train import TrainConfig, load_trained_model, train
 
@@ -300,6 +300,15 @@ def convert(args):
                              f"{type(value).__name__}")
         value = value.detach().cpu()
         arrays[name] = (value.float() if value.is_floating_point() else value).numpy()
+    backbone = torchvision_backbone_name(arrays)
+    if backbone is not None:                                 # an ImageNet classifier: its backbone's weights
+        converter = convert_torchvision_efficientnet if backbone.startswith("efficientnet") else convert_torchvision_vgg
+        converted = converter(arrays)
+        md.save(converted, args.out)
+        print(f"converted the {len(converted)} backbone tensors of torchvision's {backbone} to {args.out}")
+        print(f"use it: model = RetinaNet(num_classes, backbone={backbone!r}, backbone_norm='frozen'); "
+              f"model.backbone.load_state_dict(minidet.load({args.out!r}))")
+        return
     converted = convert_torchvision_state_dict(arrays)       # ValueError naming the wrong keys
     num_classes = torchvision_num_classes(converted)
     md.save({**converted, EPS_KEY: np.array(args.eps, np.float64)}, args.out)
@@ -307,6 +316,20 @@ def convert(args):
           f"frozen batch norm eps {args.eps:g}) to {args.out}")
     print(f"use it: state = minidet.load({args.out!r}); model = RetinaNet({num_classes}, backbone='resnet50', "
           "preset='torchvision'); load_torchvision_weights(model, state)")
+
+
+def torchvision_backbone_name(state):
+    """The minidet backbone a torchvision classifier's state dict is for ("vgg16_bn", "efficientnet_b0", ...), or
+    None when it is not one of those: told apart by their names and by how many convolutions they have."""
+    if not state or not all(name.startswith(("features.", "classifier.")) for name in state):
+        return None
+    if any(".block." in name for name in state):
+        return "efficientnet_b0"
+    convolutions = sum(1 for name, value in state.items() if name.endswith(".weight") and np.ndim(value) == 4)
+    depth = {8: "vgg11", 13: "vgg16"}.get(convolutions)
+    if depth is None:
+        raise ValueError(f"a VGG with {convolutions} convolutions; minidet has VGG-11 (8) and VGG-16 (13)")
+    return depth + "_bn" if any(name.endswith("running_mean") for name in state) else depth
 
 
 def _torch_load_error(path, error):
@@ -530,11 +553,13 @@ def build_parser():
     p.set_defaults(run=inspect_anchors)
 
     p = commands.add_parser(
-        "convert", help="convert torchvision's RetinaNet weights (.pth) to a minidet checkpoint (.npz)",
+        "convert", help="convert torchvision's RetinaNet, VGG or EfficientNet-B0 weights (.pth) to minidet's (.npz)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert the state dict of torchvision's retinanet_resnet50_fpn (v1), such as its published\n"
                     "COCO weights retinanet_resnet50_fpn_coco-eeacb38b.pth, to a minidet checkpoint: the names\n"
-                    "become minidet's, the arrays stay as they are. Needs PyTorch, to read the .pth file.",
+                    "become minidet's, the arrays stay as they are. Needs PyTorch, to read the .pth file.\n"
+                    "The state dict of torchvision's vgg11, vgg11_bn, vgg16, vgg16_bn or efficientnet_b0 (an\n"
+                    "ImageNet classifier) becomes the weights of that backbone, its classifier dropped.",
         epilog="then, in Python:\n"
                "  import minidet\n"
                "  from minidet.models import RetinaNet, load_torchvision_weights, torchvision_num_classes\n"

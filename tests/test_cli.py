@@ -436,3 +436,20 @@ def test_train_and_evaluate_with_a_vgg_backbone(tmp_path, capsys):
     assert config.backbone == "vgg_small" and type(model.backbone).__name__ == "VGG"
     assert main(["evaluate", str(tmp_path / "run" / "last.npz"), "--num-images", "2", "--out",
                  str(tmp_path / "eval")]) == 0
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", ["vgg11_bn", "efficientnet_b0"])
+def test_convert_takes_a_torchvision_backbone_and_says_how_to_load_it(torchvision, tmp_path, capsys, name):
+    import torch
+
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)(weights=None)
+    torch.save(theirs.state_dict(), tmp_path / "weights.pth")
+    assert main(["convert", str(tmp_path / "weights.pth"), str(tmp_path / "backbone.npz")]) == 0
+    out = capsys.readouterr().out
+    assert f"backbone tensors of torchvision's {name}" in out and f"backbone={name!r}, backbone_norm='frozen'" in out
+    model = md.models.RetinaNet(3, backbone=name, backbone_norm="frozen")
+    model.backbone.load_state_dict(md.load(tmp_path / "backbone.npz"))          # strict: every tensor is there
+    first = "features.0.weight" if name.startswith("vgg") else "features.0.0.weight"
+    np.testing.assert_array_equal(model.backbone.state_dict()[first], theirs.state_dict()[first].numpy())
