@@ -53,6 +53,19 @@ def _unpad_hw(x, padding):
     return x[:, :, ph:x.shape[2] - ph, pw:x.shape[3] - pw]
 
 
+def kernel_taps(padded, kernel, stride, out_size):
+    """Tap (i, j) of every window, in order: (i, j, padded[:, :, oh * SH + i, ow * SW + j] for all (oh, ow)).
+
+    Each tap is one strided slice with the output's shape (N, C, OH, OW). Ops that combine the taps one by one
+    (depthwise convolution, max pooling) touch output-sized arrays only, where gathering every window first
+    would copy the input KH * KW / (SH * SW) times.
+    """
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_size
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
+
+
 CACHE_LINE_BYTES = 64
 
 
@@ -179,18 +192,12 @@ class DepthwiseConv2d(Function):
     """A depthwise convolution (groups = C = O: one KH x KW filter per channel), tap by tap.
 
     As im2col it would be C products of (1, KH*KW) x (KH*KW, L*N) rows: all copying and no arithmetic to speak of.
-    Instead each kernel tap (i, j) is one strided slice of the padded input, with the output's shape, scaled by
-    that tap's weight per channel and added up: y = sum over (i, j) of w[:, i, j] * x_pad[:, :, i::SH, j::SW].
+    Instead each kernel tap (i, j) is one strided slice of the padded input (``kernel_taps``), scaled by that tap's
+    weight per channel and added up: y = sum over (i, j) of w[:, i, j] * x_pad[:, :, i::SH, j::SW].
     """
 
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
-
-    def _taps(self, padded, kh, kw, oh, ow):
-        (sh, sw) = self.stride
-        for i in range(kh):
-            for j in range(kw):
-                yield i, j, padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
 
     def forward(self, x, w, b=None):
         xp = get_array_module(x)
@@ -200,7 +207,7 @@ class DepthwiseConv2d(Function):
         oh = (self.padded.shape[2] - kh) // sh + 1
         ow = (self.padded.shape[3] - kw) // sw + 1
         y = xp.zeros((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)               # (N, C, OH, OW)
-        for i, j, tap in self._taps(self.padded, kh, kw, oh, ow):
+        for i, j, tap in kernel_taps(self.padded, (kh, kw), self.stride, (oh, ow)):
             y += tap * w[:, 0, i, j][None, :, None, None]
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
@@ -213,8 +220,8 @@ class DepthwiseConv2d(Function):
         need_x, need_w = self.needs_input_grad[:2]
         gx = xp.zeros(self.padded.shape, dtype=gy.dtype) if need_x else None
         gw = xp.zeros(self.w.shape, dtype=gy.dtype) if need_w else None
-        gx_taps = self._taps(gx, kh, kw, oh, ow) if need_x else None
-        for i, j, tap in self._taps(self.padded, kh, kw, oh, ow):
+        gx_taps = kernel_taps(gx, (kh, kw), self.stride, (oh, ow)) if need_x else None
+        for i, j, tap in kernel_taps(self.padded, (kh, kw), self.stride, (oh, ow)):
             if need_w:
                 gw[:, 0, i, j] = xp.einsum("nchw,nchw->c", gy, tap)                 # sum over images and pixels
             if need_x:
@@ -268,24 +275,19 @@ class MaxPool2d(Function):
 
     Tap (i, j) of every window is one strided slice of the padded input, with the output's shape; the max of the
     KH * KW slices is the output. The backward needs the tap that gave each max, the first one where several tie
-    (as torch). This way touches output-sized arrays only; gathering every window first would copy the input
-    KH * KW / (SH * SW) times.
+    (as torch). See ``kernel_taps``.
     """
 
     def __init__(self, kernel, stride, padding):
         self.kernel, self.stride, self.padding = kernel, stride, padding
-
-    def _taps(self, padded, oh, ow):
-        """Tap (i, j) of every window, in order: padded[:, :, oh' * SH + i, ow' * SW + j] for every output."""
-        (kh, kw), (sh, sw) = self.kernel, self.stride
-        return [padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] for i in range(kh) for j in range(kw)]
 
     def forward(self, x):
         xp = get_array_module(x)
         padded = _pad_hw(x, self.padding, -xp.inf)
         self.padded_shape = padded.shape
         (kh, kw), (sh, sw) = self.kernel, self.stride
-        taps = self._taps(padded, (padded.shape[2] - kh) // sh + 1, (padded.shape[3] - kw) // sw + 1)
+        out_size = ((padded.shape[2] - kh) // sh + 1, (padded.shape[3] - kw) // sw + 1)
+        taps = [tap for _, _, tap in kernel_taps(padded, self.kernel, self.stride, out_size)]
         y = taps[0].copy()                                                      # (N, C, OH, OW)
         for tap in taps[1:]:
             xp.maximum(y, tap, out=y)                                           # a NaN in a window stays
@@ -305,7 +307,7 @@ class MaxPool2d(Function):
         # Each output's gradient goes to the tap that gave its max; windows overlap, so the taps add up.
         xp = get_array_module(gy)
         gx = xp.zeros(self.padded_shape, dtype=gy.dtype)
-        for t, tap in enumerate(self._taps(gx, *gy.shape[2:])):
+        for t, (_, _, tap) in enumerate(kernel_taps(gx, self.kernel, self.stride, gy.shape[2:])):
             tap += gy * (self.argmax == t)
         return _unpad_hw(gx, self.padding)
 
