@@ -8,6 +8,7 @@ import pytest
 import minidet as md
 import minidet.functional as F
 from minidet.autograd import Function
+from minidet.functional.conv import DepthwiseConv2d
 from minidet.testing import GradcheckError, gradcheck
 
 
@@ -114,9 +115,13 @@ def test_conv2d(xp, rng, stride, padding, kernel, groups, batch):
 
 
 @pytest.mark.parametrize("stride, padding, kernel", [(1, 1, 3), (2, 1, 3), (1, 2, 5), (2, 2, 5), (1, 0, 3)])
-def test_depthwise_conv2d_one_filter_per_channel(xp, rng, stride, padding, kernel):
-    # groups = C = O takes the tap-by-tap path (DepthwiseConv2d), not im2col; EfficientNet's blocks use it.
-    x, w, b = randn(xp, rng, 2, 4, 7, 6), randn(xp, rng, 4, 1, kernel, kernel), randn(xp, rng, 4)
+@pytest.mark.parametrize("chunk_bytes", [None, 1], ids=["whole batch", "one image at a time"])
+def test_depthwise_conv2d_one_filter_per_channel(xp, rng, monkeypatch, stride, padding, kernel, chunk_bytes):
+    # groups = C = O takes the tap-by-tap path (DepthwiseConv2d), not im2col; EfficientNet's blocks use it. It
+    # works through the batch a few images at a time: here all three at once, or one by one.
+    if chunk_bytes is not None:
+        monkeypatch.setattr(DepthwiseConv2d, "CHUNK_BYTES", chunk_bytes)
+    x, w, b = randn(xp, rng, 3, 4, 7, 6), randn(xp, rng, 4, 1, kernel, kernel), randn(xp, rng, 4)
     gradcheck(lambda x, w, b: F.conv2d(x, w, b, stride=stride, padding=padding, groups=4), [x, w, b])
     gradcheck(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding, groups=4), [x, w])
 

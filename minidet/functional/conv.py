@@ -53,17 +53,19 @@ def _unpad_hw(x, padding):
     return x[:, :, ph:x.shape[2] - ph, pw:x.shape[3] - pw]
 
 
-def kernel_taps(padded, kernel, stride, out_size):
-    """Tap (i, j) of every window, in order: (i, j, padded[:, :, oh * SH + i, ow * SW + j] for all (oh, ow)).
+def kernel_taps(padded, kernel, stride, out_size, channels_last=False):
+    """Tap (i, j) of every window, in order: (i, j, padded[:, :, oh * SH + i, ow * SW + j] for all (oh, ow)), or
+    (i, j, padded[:, oh * SH + i, ow * SW + j, :]) for a ``channels_last`` array (N, H, W, C).
 
-    Each tap is one strided slice with the output's shape (N, C, OH, OW). Ops that combine the taps one by one
-    (depthwise convolution, max pooling) touch output-sized arrays only, where gathering every window first
-    would copy the input KH * KW / (SH * SW) times.
+    Each tap is one strided slice with the output's shape, (N, C, OH, OW) or (N, OH, OW, C). Ops that combine the
+    taps one by one (depthwise convolution, max pooling) touch output-sized arrays only, where gathering every
+    window first would copy the input KH * KW / (SH * SW) times.
     """
     (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_size
+    leading = (slice(None),) if channels_last else (slice(None), slice(None))
     for i in range(kh):
         for j in range(kw):
-            yield i, j, padded[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
+            yield i, j, padded[leading + (slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))]
 
 
 CACHE_LINE_BYTES = 64
@@ -193,45 +195,70 @@ class DepthwiseConv2d(Function):
 
     As im2col it would be C products of (1, KH*KW) x (KH*KW, L*N) rows: all copying and no arithmetic to speak of.
     Instead each kernel tap (i, j) is one strided slice of the padded input (``kernel_taps``), scaled by that tap's
-    weight per channel and added up: y = sum over (i, j) of w[:, i, j] * x_pad[:, :, i::SH, j::SW].
+    weight per channel and added up: y = sum over (i, j) of w[:, i, j] * x_pad[:, i::SH, j::SW, :].
+
+    Two choices make that fast on a CPU (about 3x faster than the same sum over NCHW arrays, whole batch at once):
+    - **channels last**: the input is copied once, padded, to (N, H + 2PH, W + 2PW, C), so every tap's slice is
+      made of whole pixels, runs of C contiguous values, and a tap's C weights line up with them; in NCHW a
+      stride-2 tap reads every other value, and a 4 x 4 map has runs of 4.
+    - **a few images at a time** (``CHUNK_BYTES`` of input): the KH * KW passes over the same slice then run in the
+      core's cache instead of main memory.
     """
+
+    CHUNK_BYTES = 1 << 18
 
     def __init__(self, stride, padding):
         self.stride, self.padding = stride, padding
 
+    def _chunks(self, *arrays):
+        """The same few images of each batch-first array: enough for CHUNK_BYTES of the padded input."""
+        images = max(1, self.CHUNK_BYTES // self.padded[0].nbytes)
+        for start in range(0, len(self.padded), images):
+            yield [array[start:start + images] for array in arrays]
+
     def forward(self, x, w, b=None):
         xp = get_array_module(x)
-        (kh, kw), (sh, sw) = w.shape[2:], self.stride
-        self.padded = _pad_hw(x, self.padding)
-        self.w, self.x_shape = w, x.shape
-        oh = (self.padded.shape[2] - kh) // sh + 1
-        ow = (self.padded.shape[3] - kw) // sw + 1
-        y = xp.zeros((x.shape[0], x.shape[1], oh, ow), dtype=x.dtype)               # (N, C, OH, OW)
-        for i, j, tap in kernel_taps(self.padded, (kh, kw), self.stride, (oh, ow)):
-            y += tap * w[:, 0, i, j][None, :, None, None]
+        (n, c, h, width), (kh, kw), (sh, sw), (ph, pw) = x.shape, w.shape[2:], self.stride, self.padding
+        self.padded = xp.zeros((n, h + 2 * ph, width + 2 * pw, c), dtype=x.dtype)    # (N, HP, WP, C)
+        self.padded[:, ph:ph + h, pw:pw + width] = x.transpose(0, 2, 3, 1)
+        self.w = w[:, 0].transpose(1, 2, 0).copy()                                   # (KH, KW, C)
+        out_size = ((h + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1)
+        y = xp.empty((n, *out_size, c), dtype=x.dtype)                               # (N, OH, OW, C)
+        for part, out in self._chunks(self.padded, y):
+            product = xp.empty_like(out)
+            for i, j, tap in kernel_taps(part, (kh, kw), self.stride, out_size, channels_last=True):
+                xp.multiply(tap, self.w[i, j], out=product if i or j else out)
+                if i or j:
+                    out += product
         if b is not None:
-            y += b.reshape(1, -1, 1, 1)
-        return y
+            y += b
+        return xp.ascontiguousarray(y.transpose(0, 3, 1, 2))
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        kh, kw = self.w.shape[2:]
-        oh, ow = gy.shape[2:]
+        kh, kw, c = self.w.shape
         need_x, need_w = self.needs_input_grad[:2]
-        gx = xp.zeros(self.padded.shape, dtype=gy.dtype) if need_x else None
-        gw = xp.zeros(self.w.shape, dtype=gy.dtype) if need_w else None
-        gx_taps = kernel_taps(gx, (kh, kw), self.stride, (oh, ow)) if need_x else None
-        for i, j, tap in kernel_taps(self.padded, (kh, kw), self.stride, (oh, ow)):
-            if need_w:
-                gw[:, 0, i, j] = xp.einsum("nchw,nchw->c", gy, tap)                 # sum over images and pixels
-            if need_x:
-                _, _, gx_tap = next(gx_taps)
-                gx_tap += gy * self.w[:, 0, i, j][None, :, None, None]
-        if need_x:
-            gx = xp.ascontiguousarray(_unpad_hw(gx, self.padding))
+        gy_last = xp.ascontiguousarray(gy.transpose(0, 2, 3, 1))                     # (N, OH, OW, C)
+        gx = xp.zeros_like(self.padded)
+        gw = xp.zeros((kh, kw, c), dtype=gy.dtype)
+        for part, gy_part, gx_part in self._chunks(self.padded, gy_last, gx):
+            product = xp.empty_like(gy_part)
+            taps = kernel_taps(part, (kh, kw), self.stride, gy.shape[2:], channels_last=True)
+            gx_taps = kernel_taps(gx_part, (kh, kw), self.stride, gy.shape[2:], channels_last=True)
+            for (i, j, tap), (_, _, gx_tap) in zip(taps, gx_taps):
+                if need_w:
+                    xp.multiply(gy_part, tap, out=product)
+                    gw[i, j] += product.reshape(-1, c).sum(axis=0)                  # over images and pixels
+                if need_x:
+                    xp.multiply(gy_part, self.w[i, j], out=product)
+                    gx_tap += product
+        ph, pw = self.padding
+        hp, wp = self.padded.shape[1:3]
+        gx = xp.ascontiguousarray(gx[:, ph:hp - ph, pw:wp - pw].transpose(0, 3, 1, 2)) if need_x else None
+        gw = gw.transpose(2, 0, 1)[:, None].copy() if need_w else None               # (C, 1, KH, KW)
         if len(self.needs_input_grad) == 2:
             return gx, gw
-        return gx, gw, gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
+        return gx, gw, gy_last.reshape(-1, c).sum(axis=0) if self.needs_input_grad[2] else None
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, groups=1):
