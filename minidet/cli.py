@@ -33,6 +33,7 @@ from minidet.data import CocoDataset, Shapes, export_coco
 from minidet.data.coco import read_image
 from minidet.evaluate import coco_evaluate, predict_dataset, predict_images, relabel_to_dataset
 from minidet.models import BACKBONES, convert_torchvision_efficientnet, convert_torchvision_vgg
+from minidet.models.efficientnet import SCALING, scaled_stages
 from minidet.models.torchvision_weights import EPS_KEY, convert_torchvision_state_dict, torchvision_num_classes
 from minidet.train import TrainConfig, load_trained_model, train
 
@@ -323,8 +324,14 @@ def torchvision_backbone_name(state):
     None when it is not one of those: told apart by their names and by how many convolutions they have."""
     if not state or not all(name.startswith(("features.", "classifier.")) for name in state):
         return None
-    if any(".block." in name for name in state):
-        return "efficientnet_b0"
+    if any(".block." in name for name in state):       # an EfficientNet: its stem's width and its count of blocks
+        blocks = len({name.split(".block.")[0] for name in state if ".block." in name})
+        stem = len(state["features.0.0.weight"]) if "features.0.0.weight" in state else None
+        for variant, (width, depth) in SCALING.items():
+            stages = scaled_stages(width, depth)
+            if (stem, blocks) == (stages[0][3], sum(stage[-1] for stage in stages)):
+                return f"efficientnet_{variant}"
+        raise ValueError(f"an EfficientNet with a {stem}-channel stem and {blocks} blocks; minidet has B0 to B7")
     convolutions = sum(1 for name, value in state.items() if name.endswith(".weight") and np.ndim(value) == 4)
     depth = {8: "vgg11", 13: "vgg16"}.get(convolutions)
     if depth is None:
@@ -553,13 +560,13 @@ def build_parser():
     p.set_defaults(run=inspect_anchors)
 
     p = commands.add_parser(
-        "convert", help="convert torchvision's RetinaNet, VGG or EfficientNet-B0 weights (.pth) to minidet's (.npz)",
+        "convert", help="convert torchvision's RetinaNet, VGG or EfficientNet weights (.pth) to minidet's (.npz)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert the state dict of torchvision's retinanet_resnet50_fpn (v1), such as its published\n"
                     "COCO weights retinanet_resnet50_fpn_coco-eeacb38b.pth, to a minidet checkpoint: the names\n"
                     "become minidet's, the arrays stay as they are. Needs PyTorch, to read the .pth file.\n"
-                    "The state dict of torchvision's vgg11, vgg11_bn, vgg16, vgg16_bn or efficientnet_b0 (an\n"
-                    "ImageNet classifier) becomes the weights of that backbone, its classifier dropped.",
+                    "The state dict of torchvision's vgg11, vgg11_bn, vgg16, vgg16_bn or efficientnet_b0 to _b7\n"
+                    "(an ImageNet classifier) becomes the weights of that backbone, its classifier dropped.",
         epilog="then, in Python:\n"
                "  import minidet\n"
                "  from minidet.models import RetinaNet, load_torchvision_weights, torchvision_num_classes\n"

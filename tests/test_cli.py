@@ -439,7 +439,7 @@ def test_train_and_evaluate_with_a_vgg_backbone(tmp_path, capsys):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("name", ["vgg11_bn", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["vgg11_bn", "efficientnet_b0", "efficientnet_b1"])
 def test_convert_takes_a_torchvision_backbone_and_says_how_to_load_it(torchvision, tmp_path, capsys, name):
     import torch
 

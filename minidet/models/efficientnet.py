@@ -1,4 +1,4 @@
-"""EfficientNet-B0: the third family of backbones the article names, built for accuracy per weight.
+"""EfficientNet-B0 to B7: the third family of backbones the article names, built for accuracy per weight.
 
 EfficientNet (Tan and Le, 2019) stacks MBConv blocks (MobileNetV2's inverted residuals): each block widens its
 input with a 1x1 convolution (the expansion, 6x), filters each channel on its own with a depthwise convolution
@@ -18,9 +18,14 @@ Shapes, for an input (N, 3, H, W)::
     features.6: 4 blocks, 192 ch, 5x5, stride 2              -> H/32
     features.7: 1 block,  320 ch, 3x3                        -> H/32    C5
 
-The layout and names are torchvision's ``efficientnet_b0`` (``features.3.1.block.2.fc1.weight``, ...), so its
-``features.*`` weights load as they are (``convert_torchvision_efficientnet``). Its last 1x1 convolution to 1280
-channels (``features.8``) and its classifier serve ImageNet classification only and are left out.
+B1 to B7 are B0 grown by *compound scaling*, the idea of the EfficientNet paper: every stage's channels are
+multiplied by a width factor and its number of blocks by a depth factor, both fixed per model (``SCALING``), while
+the input images grow too (240 px for B1 ... 600 px for B7). ``efficientnet_small`` runs the same rule the other
+way, for a laptop CPU.
+
+The layout and names are torchvision's ``efficientnet_b0`` to ``_b7`` (``features.3.1.block.2.fc1.weight``, ...),
+so their ``features.*`` weights load as they are (``convert_torchvision_efficientnet``). Their last 1x1 convolution
+(``features.8``, to 4x the channels of C5) and the classifier serve ImageNet classification only and are left out.
 """
 
 import math
@@ -36,10 +41,28 @@ from minidet.nn import init
 # (expansion, kernel, stride, input channels, output channels, blocks) of each stage: EfficientNet-B0.
 B0_STAGES = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
              (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+# Compound scaling: (width, depth) factors of each model, as the paper and torchvision have them.
+SCALING = {"b0": (1.0, 1.0), "b1": (1.0, 1.1), "b2": (1.1, 1.2), "b3": (1.2, 1.4), "b4": (1.4, 1.8),
+           "b5": (1.6, 2.2), "b6": (1.8, 2.6), "b7": (2.0, 3.1)}
 # The stages whose outputs are C3, C4, C5 (features.3, .5 and .7).
 TAPS = (3, 5, 7)
 # Stochastic depth: block b of B drops its residual branch with probability 0.2 * b / B in training.
 STOCHASTIC_DEPTH = 0.2
+
+
+def scaled_channels(channels, width):
+    """``channels`` x ``width``, rounded to the nearest multiple of 8 (at least 8), and up by 8 more if rounding
+    lost over 10% (torchvision's and the paper's rule, which keeps the matrix products' sizes multiples of 8)."""
+    rounded = max(8, int(channels * width + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * channels * width else rounded
+
+
+def scaled_stages(width, depth, stages=B0_STAGES):
+    """``stages`` with every channel count scaled by ``width`` (``scaled_channels``) and every block count by
+    ``depth``, rounded up: compound scaling."""
+    return tuple((expansion, kernel, stride, scaled_channels(in_channels, width), scaled_channels(out_channels, width),
+                  math.ceil(blocks * depth))
+                 for expansion, kernel, stride, in_channels, out_channels, blocks in stages)
 
 
 def conv_norm_act(in_channels, out_channels, kernel_size, stride=1, groups=1, norm="batch", activation=True):
@@ -153,10 +176,23 @@ class EfficientNet(nn.Module):
         return outputs
 
 
+def efficientnet(variant, norm="batch"):
+    """EfficientNet-``variant`` ("b0" to "b7"): B0's stages scaled by the ``SCALING`` factors of that model."""
+    if variant not in SCALING:
+        raise ValueError(f"efficientnet: unknown variant {variant!r}: use one of {tuple(SCALING)}")
+    return EfficientNet(scaled_stages(*SCALING[variant]), norm=norm)
+
+
 def efficientnet_b0(norm="batch"):
     """EfficientNet-B0: C3, C4, C5 have 40, 112, 320 channels; 3.6 M weights in these stages (torchvision's whole
     classifier has 5.3 M)."""
-    return EfficientNet(B0_STAGES, norm=norm)
+    return efficientnet("b0", norm=norm)
+
+
+def efficientnet_small(norm="batch"):
+    """An EfficientNet for a laptop CPU: B0 scaled down with width 0.5 and depth 0.5 (10 blocks instead of 16);
+    C3, C4, C5 have 24, 56, 160 channels."""
+    return EfficientNet(scaled_stages(0.5, 0.5), norm=norm)
 
 
 def convert_torchvision_efficientnet(state):

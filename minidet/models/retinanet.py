@@ -13,6 +13,7 @@ which reproduces ``torchvision.models.detection.retinanet_resnet50_fpn`` (v1) so
 detections here.
 """
 
+from functools import partial
 from itertools import accumulate
 
 from minidet import functional as F
@@ -23,7 +24,7 @@ from minidet.backend import get_array_module, to_numpy
 from minidet.boxes import batched_nms, check_boxes, clip_boxes, decode_boxes, encode_boxes
 from minidet.functional.activation import stable_sigmoid
 from minidet.matching import BACKGROUND, IGNORED, match_anchors_batch
-from minidet.models.efficientnet import efficientnet_b0
+from minidet.models.efficientnet import SCALING, efficientnet, efficientnet_small
 from minidet.models.fpn import FeaturePyramid
 from minidet.models.heads import ClassificationHead, RegressionHead
 from minidet.models.resnet import resnet18, resnet34, resnet50, resnet_small
@@ -33,7 +34,8 @@ from minidet.models.vgg import vgg11, vgg11_bn, vgg16, vgg16_bn, vgg_small
 # ``out_channels`` gives their channels; another family is one more line here.
 BACKBONES = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "resnet_small": resnet_small,
              "vgg11": vgg11, "vgg11_bn": vgg11_bn, "vgg16": vgg16, "vgg16_bn": vgg16_bn, "vgg_small": vgg_small,
-             "efficientnet_b0": efficientnet_b0}
+             "efficientnet_small": efficientnet_small,
+             **{f"efficientnet_{variant}": partial(efficientnet, variant) for variant in SCALING}}
 
 # What the two presets set. The anchors follow the preset
 # of the same name in ``minidet.anchors``.
@@ -74,7 +76,9 @@ class RetinaNet(nn.Module):
 
     Args:
         num_classes: K, the number of object classes (labels 0..K-1; there is no background class).
-        backbone: a name in ``BACKBONES`` ("resnet18", "resnet34", "resnet50", "resnet_small").
+        backbone: a name in ``BACKBONES``: "resnet18", "resnet34", "resnet50", "vgg11", "vgg16" (and "_bn"),
+            "efficientnet_b0" to "efficientnet_b7", or, to train on a laptop CPU, "resnet_small", "vgg_small",
+            "efficientnet_small".
         preset: ``"paper"`` (default) or ``"torchvision"``; see ``PRESETS``.
         fpn_channels: C, the channels of every pyramid level and of the subnets (256).
         head_norm: None, or ``"group"`` for GroupNorm(32) in the subnets' towers.
