@@ -1,10 +1,11 @@
 """What the backbone tests share: torchvision models with realistic batch norm, their feature maps at the taps,
-and a few training steps of a RetinaNet on a backbone."""
+a few training steps of a RetinaNet on a backbone, and training one until it finds the objects it was shown."""
 
 import numpy as np
 
 import minidet as md
 from minidet import optim
+from minidet.boxes import box_iou
 from minidet.data import Shapes
 from minidet.models import RetinaNet
 from minidet.train import training_batch
@@ -57,3 +58,36 @@ def training_losses(backbone, num_images, lr, steps):
         optimizer.step()
         losses.append(total.item())
     return losses
+
+
+def found_objects(detections, targets, min_score=0.3):
+    """How many of the targets' boxes have a detection of their class with IoU >= 0.5 and score > ``min_score``."""
+    found = 0
+    for found_in_image, target in zip(detections, targets):
+        confident = found_in_image["scores"] > min_score
+        boxes, labels = found_in_image["boxes"][confident], found_in_image["labels"][confident]
+        for box, label in zip(target["boxes"], target["labels"]):
+            same_class = boxes[labels == label]
+            found += bool(len(same_class)) and bool(box_iou(box[None], same_class).max() >= 0.5)
+    return found
+
+
+def steps_to_find(backbone, num_images=3, max_steps=150, check_every=5):
+    """Train a small RetinaNet on ``backbone`` (Adam, 2e-3, group norm in the subnets) on a few 64 px shapes images
+    of up to 3 objects, and return (steps, found, total): the steps it took until ``predict`` found every object
+    (``found_objects``), or ``max_steps`` and how many it found then."""
+    md.manual_seed(0)
+    model = RetinaNet(4, backbone=backbone, fpn_channels=32, head_norm="group")
+    shapes = Shapes(num_images, image_size=64, seed=2, empty_fraction=0, max_objects=3, max_overlap=0.1)
+    images, targets = training_batch([shapes[i] for i in range(num_images)], np.random.default_rng(0), 0.0, "cpu")
+    total = sum(len(target["boxes"]) for target in targets)
+    optimizer = optim.Adam(model.parameters(), lr=2e-3)
+    for step in range(1, max_steps + 1):
+        loss = model(md.tensor(images), targets)
+        optimizer.zero_grad()
+        (loss["classification"] + loss["box_regression"]).backward()
+        optimizer.step()
+        if step % check_every == 0 or step == max_steps:
+            found = found_objects(model.predict(md.tensor(images)), targets)
+            if found == total or step == max_steps:
+                return step, found, total

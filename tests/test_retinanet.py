@@ -1,10 +1,11 @@
 """The whole detector: presets, the loss (gradients, counts, normalisation, clear errors), inference (threshold,
-top-k per level, decoding, clipping, NMS, the cap), and an end-to-end check that the small model learns."""
+top-k per level, decoding, clipping, NMS, the cap), and end-to-end checks that small models learn to find objects."""
 
 import math
 
 import numpy as np
 import pytest
+from backbone_checks import found_objects, steps_to_find
 
 import minidet as md
 import minidet.functional as F
@@ -58,6 +59,22 @@ def test_options_override_the_preset():
     assert model.allow_low_quality_matches is True and model.detections_per_img == 10
     assert isinstance(model.backbone.bn1, nn.FrozenBatchNorm2d)
     assert isinstance(model.regression_head.conv[0][1], nn.GroupNorm)
+
+
+@pytest.mark.parametrize("backbone", ["resnet_small", "vgg_small", "efficientnet_small"])
+def test_a_retinanet_on_each_small_backbone_learns_to_find_the_shapes_it_is_shown(backbone):
+    steps, found, total = steps_to_find(backbone)
+    assert found == total, f"{backbone}: after {steps} steps, found {found} of {total} objects"
+
+
+def test_found_objects_needs_the_class_the_overlap_and_the_score():
+    target = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32), "labels": np.array([1, 2])}
+    detections = {"boxes": np.array([[1, 1, 10, 10], [20, 20, 40, 29], [20, 20, 40, 40]], np.float32),
+                  "scores": np.array([0.9, 0.9, 0.2]), "labels": np.array([1, 2, 2])}
+    assert found_objects([detections], [target]) == 1         # the second box: IoU 0.45, then score 0.2
+    assert found_objects([detections], [target], min_score=0.1) == 2
+    detections["labels"][0] = 0
+    assert found_objects([detections], [target], min_score=0.1) == 1
 
 
 def test_unknown_preset_and_backbone_are_refused():
