@@ -433,7 +433,9 @@ def add_train_flags(parser):
         ("--warmup-iters", int, "steps of linear learning-rate warm-up"),
         ("--weight-decay", float, "L2 weight decay"),
         ("--clip-grad-norm", float, "clip the gradients' global norm to this (default: no clipping)"),
-        ("--backbone", sorted(BACKBONES), "the backbone network (the _small ones train on a laptop CPU)"),
+        ("--backbone", sorted(BACKBONES), "the backbone network: resnet18, resnet34, resnet50, vgg11, vgg16 (and "
+                                          "_bn), efficientnet_b0 to efficientnet_b7, or, to train on a laptop CPU, "
+                                          "resnet_small, vgg_small, efficientnet_small"),
         ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
         ("--head-norm", ["group", "none"], "normalisation in the subnets' towers"),
         ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (minidet.models.PRESETS)"),
@@ -449,8 +451,8 @@ def add_train_flags(parser):
         name = flag[2:].replace("-", "_")
         default = _default(name)
         shown = "" if default is None or "default:" in text else f" (default: {default})"
-        if isinstance(kind, list):
-            group.add_argument(flag, choices=kind, help=text + shown)
+        if isinstance(kind, list):       # a long list of choices is named in the help, not in the usage line
+            group.add_argument(flag, choices=kind, metavar="NAME" if len(kind) > 4 else None, help=text + shown)
         else:
             group.add_argument(flag, type=kind, help=text + shown)
     group.add_argument("--no-auto-anchors", dest="auto_anchors", action="store_false", default=None,

@@ -430,10 +430,11 @@ def test_usage_errors_are_argparse_s_status_2(argv, capsys):
     assert exit_.value.code == 2 and "usage: minidet" in capsys.readouterr().err
 
 
-def test_train_and_evaluate_with_a_vgg_backbone(tmp_path, capsys):
-    assert main(["train", *TINY_TRAIN, "--backbone", "vgg_small", "--out", str(tmp_path / "run")]) == 0
+@pytest.mark.parametrize("backbone, family", [("vgg_small", "VGG"), ("efficientnet_small", "EfficientNet")])
+def test_train_and_evaluate_with_another_backbone(tmp_path, capsys, backbone, family):
+    assert main(["train", *TINY_TRAIN, "--backbone", backbone, "--out", str(tmp_path / "run")]) == 0
     model, config = load_trained_model(tmp_path / "run" / "last.npz")
-    assert config.backbone == "vgg_small" and type(model.backbone).__name__ == "VGG"
+    assert config.backbone == backbone and type(model.backbone).__name__ == family
     assert main(["evaluate", str(tmp_path / "run" / "last.npz"), "--num-images", "2", "--out",
                  str(tmp_path / "eval")]) == 0
 

@@ -12,19 +12,24 @@
 # ---
 
 # %% [markdown]
-# # Step 3: the backbone and its feature maps (the article's Fig. 3)
+# # Step 3: the backbone and its feature maps (the article's Figs. 2 and 3)
 #
-# The first part of RetinaNet is a **backbone**, a ResNet, used as a *bottom-up pathway*: a sequence of stages,
-# each halving the height and width of its input and usually adding channels. Early stages see small windows of
+# The first part of RetinaNet is a **backbone**, an image classification network such as a ResNet, used as a
+# *bottom-up pathway*: a sequence of stages, each but the first halving the height and width of its input and
+# usually adding channels. Early stages see small windows of
 # the image and respond to edges and colours; later stages see large windows and respond to larger patterns, at a
 # coarser resolution. RetinaNet keeps the outputs of the last three stages, called C3, C4 and C5; the number is
 # the level, and level l has a **stride** of 2^l pixels: one cell of C3 covers 8 x 8 pixels of the image, one
 # cell of C5 covers 32 x 32.
 #
 # We first predict the shapes by hand from the layers' strides, then check them on minidet's ResNet, then draw a
-# few channels of each level for a synthetic image, as the article's Fig. 3 does for a photograph.
+# few channels of each level for a synthetic image, as the article's Fig. 3 does for a photograph. Then the other
+# two families the article names, VGG and EfficientNet: where their C3-C5 are, an EfficientNet block by hand, and
+# the article's Fig. 2, which compares the families by accuracy against their number of weights.
 
 # %%
+
+import time
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,6 +38,8 @@ from tutorial_setup import SMALL, save  # shared by the steps: tutorials/tutoria
 import minidet as md
 import minidet.functional as F
 from minidet.functional.conv import output_size
+from minidet.models import BACKBONES, FeaturePyramid
+from minidet.models.efficientnet import SCALING
 from minidet.models.resnet import resnet18, resnet_small
 from minidet.testing import assert_close
 
@@ -130,3 +137,174 @@ for ax in axes.ravel():
 fig.suptitle("Feature maps of the bottom-up pathway (randomly initialised backbone): finer to coarser", fontsize=13)
 fig.tight_layout()
 save(fig, "03_feature_maps.png")
+
+# %% [markdown]
+# ## Three families, one interface
+#
+# The article: the backbone "is variable and may include classification neural networks, such as ResNet, VGG,
+# EfficientNet". Whatever the family, RetinaNet asks it for three maps at strides 8, 16 and 32, and needs to know
+# only their channel counts, `out_channels`: the pyramid's lateral 1x1 convolutions (step 4) are built from them,
+# `FeaturePyramid(backbone.out_channels, 256)`. Where each family's C3, C4, C5 come from:
+#
+# - **ResNet**: the outputs of its last three stages (`layer2`, `layer3`, `layer4`), as above;
+# - **VGG** (plain 3x3 convolutions and ReLUs in five blocks, each ending in a 2x2 max pooling): the maps after the
+#   third, fourth and fifth pooling;
+# - **EfficientNet** (MBConv blocks, below): the outputs of the stages with 40, 112 and 320 channels (in B0), the
+#   last at each of the strides 8, 16 and 32.
+#
+# Below, one backbone of each family on the same image, each feeding a pyramid: the pyramid levels have the same
+# shapes whichever backbone is under them.
+
+# %%
+family = ("resnet_small", "vgg_small", "efficientnet_small") if SMALL else ("resnet18", "vgg16", "efficientnet_b0")
+for name in family:
+    md.manual_seed(0)
+    net = BACKBONES[name]().eval()
+    with md.no_grad():
+        maps = net(images)
+        levels = FeaturePyramid(net.out_channels, 64)(maps)
+    strides = [SIZE // m.shape[-1] for m in maps]
+    assert strides == [8, 16, 32]
+    print(f"{name:18s} C3-C5 channels {str(net.out_channels):15s} strides {strides}   "
+          f"-> pyramid P3-P7 {[tuple(p.shape[1:]) for p in levels]}")
+
+# %% [markdown]
+# ## An EfficientNet block by hand
+#
+# EfficientNet stacks **MBConv** blocks (inverted residuals). Each one
+# 1. widens its input 6x with a 1x1 convolution (the expansion), then batch norm and SiLU, x * sigmoid(x);
+# 2. filters each channel on its own with a **depthwise** convolution: `groups` = channels, one k x k kernel per
+#    channel instead of one per (input, output) pair, so C * k * k weights instead of C * C * k * k;
+# 3. reweights the channels with **squeeze-and-excitation**: the mean of each channel over the map, through two
+#    1x1 convolutions, gives one gate in (0, 1) per channel;
+# 4. projects back down with a 1x1 convolution (batch norm, no activation), and adds the block's input where the
+#    shape allows. (In training, that residual branch is sometimes dropped for a whole image: stochastic depth.)
+#
+# We rebuild the second block of the stage that gives C3 from `F.conv2d`, `F.silu`, `F.mean` and `F.sigmoid`.
+
+# %%
+md.manual_seed(0)
+efficientnet = BACKBONES["efficientnet_b0"]().eval()
+stage = efficientnet.features[3]
+with md.no_grad():
+    x = images
+    for layer in efficientnet.features[:3]:
+        x = layer(x)
+    x = stage[0](x)                                               # the stage's first block: stride 2, 40 channels
+    expand, depthwise, squeeze, project = stage[1].block
+    h = F.silu(expand[1](F.conv2d(x, expand[0].weight)))          # 1x1, 40 -> 240 channels (B0)
+    k = depthwise[0].weight.shape[-1]
+    h = F.silu(depthwise[1](F.conv2d(h, depthwise[0].weight, padding=k // 2, groups=h.shape[1])))
+    summary = F.mean(h, dim=(2, 3), keepdim=True)                 # (N, 240, 1, 1): one number per channel
+    gate = F.sigmoid(F.conv2d(F.silu(F.conv2d(summary, squeeze.fc1.weight, squeeze.fc1.bias)),
+                              squeeze.fc2.weight, squeeze.fc2.bias))
+    by_hand = x + project[1](F.conv2d(h * gate, project[0].weight))
+    assert_close(by_hand, stage[1](x), rtol=1e-5, name="MBConv block by hand")
+channels = h.shape[1]
+print(f"MBConv by hand equals features[3][1]: {tuple(x.shape)} -> {tuple(by_hand.shape)}; its {k}x{k} depthwise "
+      f"convolution has {depthwise[0].weight.data.size} weights, a full one would have {channels * channels * k * k}")
+
+# %% [markdown]
+# ## Fig. 2: accuracy against the number of weights
+#
+# The article's Fig. 2 plots each classification network's top-1 accuracy on ImageNet against its number of
+# weights, and shows EfficientNet reaching a given accuracy with several times fewer weights. EfficientNet-B1 to B7
+# are B0 grown by **compound scaling**: every stage's channels multiplied by a width factor and its number of blocks
+# by a depth factor (`minidet.models.efficientnet.SCALING`), while the images grow from 224 to 600 pixels.
+#
+# The accuracies below are published figures: torchvision's model documentation for its ImageNet weights
+# (IMAGENET1K_V1), top-1 on ImageNet-1K's validation images, with the published weight count and GFLOPs (billions
+# of multiply-adds for one image) of each. The weight counts are also computed here from minidet's own models: the
+# backbone's, plus the classifier head a detector leaves out (ResNet: one fully connected layer; VGG: three;
+# EfficientNet: a 1x1 convolution to 4x the channels of C5 and one fully connected layer). The two agree exactly.
+
+# %%
+PUBLISHED = {   # name: (ImageNet top-1 %, weights, GFLOPs), torchvision's documentation, IMAGENET1K_V1 weights
+    "resnet18": (69.758, 11_689_512, 1.814), "resnet34": (73.314, 21_797_672, 3.664),
+    "resnet50": (76.130, 25_557_032, 4.089), "vgg11": (69.020, 132_863_336, 7.609),
+    "vgg16": (71.592, 138_357_544, 15.470), "efficientnet_b0": (77.692, 5_288_548, 0.386),
+    "efficientnet_b1": (78.642, 7_794_184, 0.687), "efficientnet_b2": (80.608, 9_109_994, 1.088),
+    "efficientnet_b3": (82.008, 12_233_232, 1.827), "efficientnet_b4": (83.384, 19_341_616, 4.394),
+    "efficientnet_b5": (83.444, 30_389_784, 10.266), "efficientnet_b6": (84.008, 43_040_704, 19.068),
+    "efficientnet_b7": (84.122, 66_347_960, 37.746),
+}
+IMAGENET_CLASSES = 1000
+
+
+def classifier_head_weights(name, c5_channels):
+    """The weights of the ImageNet classifier on top of C5 that minidet's backbones leave out."""
+    if name.startswith("resnet"):
+        return c5_channels * IMAGENET_CLASSES + IMAGENET_CLASSES            # global pooling, one linear layer
+    if name.startswith("vgg"):                                              # on the 7 x 7 map of a 224 px image
+        sizes = [c5_channels * 7 * 7, 4096, 4096, IMAGENET_CLASSES]
+        return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    wide = 4 * c5_channels                                                  # EfficientNet: 1x1 conv, batch norm,
+    return c5_channels * wide + 2 * wide + wide * IMAGENET_CLASSES + IMAGENET_CLASSES   # then one linear layer
+
+
+# Building every model takes a few seconds (B7 alone has 62 M weights); the small run counts the smaller ones.
+counted = [name for name in PUBLISHED if not SMALL or PUBLISHED[name][1] < 15e6]
+timed = ("resnet18", "efficientnet_b0") if SMALL else ("resnet18", "resnet34", "resnet50", "vgg16", "efficientnet_b0")
+TIME_SIZE = 64 if SMALL else 224
+image_224 = md.tensor(np.random.default_rng(0).random((1, 3, TIME_SIZE, TIME_SIZE), dtype=np.float32))
+weights, forward_ms = {}, {}
+for name in counted:
+    net = BACKBONES[name]().eval()
+    backbone_weights = sum(p.data.size for p in net.parameters())
+    weights[name] = backbone_weights + classifier_head_weights(name, net.out_channels[-1])
+    assert weights[name] == PUBLISHED[name][1], name
+    if name in timed:
+        times = []
+        with md.no_grad():
+            for _ in range(4):                                  # the first run, which finds memory, is not kept
+                start = time.perf_counter()
+                net(image_224)
+                times.append(time.perf_counter() - start)
+        forward_ms[name] = 1000 * np.median(times[1:])
+    head = weights[name] - backbone_weights
+    print(f"{name:16s} backbone {backbone_weights / 1e6:5.1f} M + classifier {head / 1e6:5.1f} M = "
+          f"{weights[name] / 1e6:6.1f} M weights (published: {PUBLISHED[name][1] / 1e6:.1f} M), top-1 "
+          f"{PUBLISHED[name][0]:.1f}%" + (f", minidet forward {forward_ms[name]:.0f} ms" if name in forward_ms else ""))
+print(f"the weight counts of minidet's {len(counted)} models equal the published ones; (width, depth) of B1-B7: "
+      f"{[SCALING[v] for v in list(SCALING)[1:]]}")
+
+# %% [markdown]
+# Left, the article's Fig. 2 redrawn: EfficientNet-B0 is more accurate than ResNet-50 with a fifth of its weights,
+# and VGG-16, with 138 M weights (most of them in its classifier), is less accurate than ResNet-34. Right, what the
+# weights do not tell: one 224 x 224 image through each backbone in minidet on this CPU, beside the published
+# GFLOPs. B0 needs a tenth of ResNet-50's arithmetic but is not ten times faster here: its depthwise convolutions and
+# per-channel gates do little arithmetic for each value they read, so memory, not arithmetic, sets their speed
+# (step 2's matrix products are the opposite case).
+
+# %%
+colours = {"resnet": "tab:blue", "vgg": "tab:red", "efficientnet": "tab:green"}
+labels = {"resnet": "ResNet", "vgg": "VGG", "efficientnet": "EfficientNet"}
+fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.3, 1]})
+for prefix, colour in colours.items():
+    names = [n for n in PUBLISHED if n.startswith(prefix)]
+    params = [PUBLISHED[n][1] / 1e6 for n in names]
+    top1 = [PUBLISHED[n][0] for n in names]
+    ax.plot(params, top1, "o-" if prefix == "efficientnet" else "o", color=colour, label=labels[prefix], ms=7)
+    for n, x_, y_ in zip(names, params, top1):
+        short = n.replace("efficientnet_", "").replace("resnet", "ResNet-").replace("vgg", "VGG-").upper()
+        ax.annotate(short.replace("RESNET", "ResNet"), (x_, y_), textcoords="offset points", xytext=(6, -10),
+                    fontsize=8)
+ax.set_xscale("log")
+ax.set_xlim(3, 400)
+ax.set_xlabel("weights (millions, log scale)")
+ax.set_ylabel("ImageNet top-1 accuracy (%)")
+ax.set_title("accuracy against weights (published figures)")
+ax.grid(alpha=0.3)
+ax.legend(loc="center right")
+positions = np.arange(len(forward_ms))
+bars.bar(positions, list(forward_ms.values()), 0.6, color=[colours[n.rstrip("0123456789_b").split("_")[0]]
+                                                          for n in forward_ms])
+for i, name in enumerate(forward_ms):
+    bars.text(i, forward_ms[name], f"{PUBLISHED[name][2]:.2f}\nGFLOPs", ha="center", va="bottom", fontsize=8)
+bars.set_xticks(positions, [n.replace("efficientnet_b", "EffNet-B").replace("resnet", "ResNet-").replace("vgg", "VGG-")
+                            for n in forward_ms], fontsize=9)
+bars.set_ylabel(f"minidet forward, one {TIME_SIZE} x {TIME_SIZE} image (ms)")
+bars.set_ylim(0, 1.2 * max(forward_ms.values()))
+bars.set_title("backbone forward time in minidet on the CPU")
+fig.tight_layout()
+save(fig, "03_backbones.png")

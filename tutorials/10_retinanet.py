@@ -14,7 +14,7 @@
 # %% [markdown]
 # # Step 10: the whole model
 #
-# Steps 3 to 9 built every part of RetinaNet. Put together (the article's Fig. 1):
+# Steps 3 to 9 built every part of RetinaNet. Put together (the article's Fig. 1, drawn below from a real model):
 #
 # ```
 # images (N, 3, H, W)
@@ -33,7 +33,7 @@
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Rectangle
+from matplotlib.patches import FancyArrowPatch, Rectangle
 from tutorial_setup import SMALL, save  # shared by the steps: tutorials/tutorial_setup.py
 
 import minidet as md
@@ -65,6 +65,88 @@ targets = [{"boxes": boxes, "labels": labels}]
 print(f"image {SIZE} x {SIZE}; boxes (x1, y1, x2, y2):\n{boxes}")
 
 # %% [markdown]
+# ## Fig. 1: the architecture of this model
+#
+# The article's Fig. 1, drawn from the model itself: each box is one feature map of this image, labelled with its
+# real shape (channels x height x width), and the wider the more cells it has across. The backbone's C3-C5 feed the
+# pyramid through 1x1 lateral convolutions; the top-down path upsamples each level and adds it to the one below;
+# P6 and P7 are strided 3x3 convolutions on top. Every level goes through the same two subnets (shared weights),
+# whose outputs are concatenated over the levels into one row per anchor.
+
+# %%
+backbone_maps = model.backbone(images)                                # [C3, C4, C5]
+features = model.fpn(backbone_maps)                                   # [P3, ..., P7]
+anchors_per_level = model.anchor_generator.num_anchors_per_level([tuple(p.shape[-2:]) for p in features])
+per_cell = anchors_per_level[0] // (features[0].shape[-2] * features[0].shape[-1])     # A anchors per cell
+
+
+def millions(module):
+    return sum(p.data.size for p in module.parameters()) / 1e6
+
+
+fig, ax = plt.subplots(figsize=(13, 6.2))
+column_x = {"backbone": 2.2, "pyramid": 4.8, "subnets": 7.5}
+top = features[0].shape[-1]                                           # P3's width in cells: the widest box
+HALF_HEIGHT = 0.28
+
+
+def box(x, y, cells, text, colour, label="left"):
+    """A feature map as a box centred at (x, y), as wide as ``cells`` relative to P3, its shape written on its
+    ``label`` side ("left", "right" (above the arrow that leaves it), "below"); returns its edges and y."""
+    width = 0.25 + 1.3 * cells / top
+    left, right = x - width / 2, x + width / 2
+    ax.add_patch(Rectangle((left, y - HALF_HEIGHT), width, 2 * HALF_HEIGHT, fc=colour, ec="black", lw=1))
+    where = {"left": (left - 0.06, y, "right", "center"), "right": (right + 0.08, y + 0.04, "left", "bottom"),
+             "below": (x, y - HALF_HEIGHT - 0.05, "center", "top")}[label]
+    ax.text(where[0], where[1], text, ha=where[2], va=where[3], fontsize=8)
+    return left, right, y
+
+
+def arrow(start, end, **style):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=11, lw=1.1, color="0.3", **style))
+
+
+image_at = box(column_x["backbone"], -1.3, top, f"image\n3 x {SIZE} x {SIZE}", "0.85", label="below")
+c_at = [box(column_x["backbone"], level - 3, c.shape[-1], f"C{level}  {' x '.join(map(str, c.shape[1:]))}",
+            "tab:blue") for level, c in zip((3, 4, 5), backbone_maps)]
+p_at = [box(column_x["pyramid"], level - 3, p.shape[-1], f"P{level}  {' x '.join(map(str, p.shape[1:]))}",
+            "tab:orange", label="right") for level, p in zip(range(3, 8), features)]
+for (_, right, y), p, rows in zip(p_at, features, anchors_per_level):
+    h, w = p.shape[-2:]
+    subnet_outputs = f"class: {per_cell * model.num_classes} x {h} x {w}\nbox:   {per_cell * 4} x {h} x {w}"
+    ax.text(column_x["subnets"], y, subnet_outputs, va="center", fontsize=8, family="monospace",
+            bbox=dict(fc="tab:green", alpha=0.35, ec="black"))
+    ax.text(column_x["subnets"] + 1.65, y, f"-> {rows} anchors", va="center", fontsize=8)
+    arrow((right, y), (column_x["subnets"] - 0.1, y))                 # the same two subnets on every level
+arrow((column_x["backbone"], -1.3 + HALF_HEIGHT), (column_x["backbone"], -HALF_HEIGHT))
+for (left, right, y), upper in zip(c_at, c_at[1:]):
+    arrow(((left + right) / 2, y + HALF_HEIGHT), ((left + right) / 2, upper[2] - HALF_HEIGHT))   # bottom-up
+for (_, right, y), (left, _, _) in zip(c_at, p_at):
+    arrow((right, y), (left, y))                                      # lateral 1x1 convolutions
+down_x = p_at[0][0] - 0.15
+for level in (5, 4):                                                  # top-down: upsample x2 and add
+    arrow((down_x, level - 3 - HALF_HEIGHT), (down_x, level - 4 + HALF_HEIGHT))
+ax.text(down_x - 0.05, 1.5, "x2, +", ha="right", va="center", fontsize=8)
+p6_from = c_at[2] if model.fpn.p6_input == "c5" else p_at[2]
+arrow((p6_from[1], p6_from[2] + HALF_HEIGHT), ((p_at[3][0] + p_at[3][1]) / 2, 3 - HALF_HEIGHT))
+arrow(((p_at[3][0] + p_at[3][1]) / 2, 3 + HALF_HEIGHT), ((p_at[4][0] + p_at[4][1]) / 2, 4 - HALF_HEIGHT))
+total = sum(anchors_per_level)
+ax.text(column_x["subnets"] + 1.5, -0.6, f"concatenated: ({len(image)}, {total}, {model.num_classes}) "
+        f"class logits\nand ({len(image)}, {total}, 4) box offsets", fontsize=9, va="top")
+for name, module in (("backbone", model.backbone), ("pyramid", model.fpn)):
+    ax.text(column_x[name], 4.75, f"{name}\n{millions(module):.2f} M weights", ha="center", fontsize=10,
+            weight="bold")
+ax.text(column_x["subnets"] + 0.6, 4.75, f"two subnets, shared by the levels\n"
+        f"{millions(model.classification_head) + millions(model.regression_head):.2f} M weights", ha="center",
+        fontsize=10, weight="bold")
+ax.set_xlim(0.2, 10.6)
+ax.set_ylim(-2.1, 5.4)
+ax.axis("off")
+ax.set_title(f"RetinaNet ({model.backbone.__class__.__name__} backbone, {CHANNELS}-channel pyramid, "
+             f"{model.num_classes} classes, A = {per_cell} anchors per cell), shapes of one {SIZE} x {SIZE} image")
+save(fig, "10_architecture.png")
+
+# %% [markdown]
 # ## The losses by hand
 #
 # 1. run the network: backbone, pyramid, the two subnets, and the anchors of every level;
@@ -76,7 +158,6 @@ print(f"image {SIZE} x {SIZE}; boxes (x1, y1, x2, y2):\n{boxes}")
 # 5. divide both by the number of positive anchors.
 
 # %%
-features = model.fpn(model.backbone(images))                          # [P3, ..., P7]
 cls_logits = model.classification_head(features)                      # (1, M, K)
 box_deltas = model.regression_head(features)                          # (1, M, 4)
 feature_sizes = [tuple(p.shape[-2:]) for p in features]
