@@ -29,6 +29,35 @@ from minidet import backend
 from minidet.boxes import clip_boxes
 from minidet.data.transforms import batches, collate, normalize, resize, scale_boxes_back
 
+RECALL_POINTS = np.linspace(0, 1, 101)
+
+
+def average_precision(scores, is_true_positive, num_ground_truth):
+    """COCO's AP of one class at one IoU threshold, from its detections already matched to the boxes.
+
+    The arithmetic pycocotools does after its matching (``coco_evaluate`` leaves all of it to pycocotools; this is
+    the same computation written out, for teaching and the course's exercises): sort the detections by score,
+    highest first (ties keep their order); after each one, precision = true positives so far / detections so far
+    and recall = true positives so far / ``num_ground_truth``; make precision monotone (at each point, the best
+    precision at this recall or any higher one); read it at the 101 recall levels 0, 0.01, ..., 1, taking the first
+    point that reaches each level (0 for a level no point reaches); AP is the mean of the 101 values.
+
+    Args:
+        scores: (D,) the detections' scores. is_true_positive: (D,) bool, whether each matched a box.
+        num_ground_truth: the number of ground-truth boxes of the class, at least 1.
+    """
+    if num_ground_truth < 1:
+        raise ValueError("average_precision: no ground-truth boxes, so recall and AP are undefined "
+                         "(pycocotools leaves such a class out of the mean)")
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    hits = np.cumsum(np.asarray(is_true_positive, dtype=bool)[order])                    # (D,)
+    precision = hits / np.arange(1, len(order) + 1)
+    recall = hits / num_ground_truth
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    first = np.searchsorted(recall, RECALL_POINTS, side="left")                           # (101,)
+    reached = first < len(recall)
+    return float(np.where(reached, envelope[np.minimum(first, len(recall) - 1)], 0).mean())
+
 
 # --- prediction -----------------------------------------------------------------------------------------------------
 def _check_image(image, index):
