@@ -178,3 +178,18 @@ numeric = np.array([(hand_loss(x_values + eps * e) - hand_loss(x_values - eps * 
 print("dL/dx numeric =", numeric.round(8))
 np.testing.assert_allclose(numeric, x.grad, rtol=1e-8)
 print("hand backward matches central differences")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **A new op.** Write `class Cube(minidet.autograd.Function)` whose `forward(self, x)` keeps `x` and returns
+#    `x ** 3`, and whose `backward(self, g)` returns `3 * x ** 2 * g`. Check it:
+#    `gradcheck(lambda t: Cube()(t), [np.random.randn(5)])` returns True. Now make the backward return
+#    `2 * x ** 2 * g`: gradcheck raises `GradcheckError`, naming the input, the element and both values
+#    (with `np.random.default_rng(0).standard_normal(5)`: index (0,), numeric 0.00596, analytic 0.00398).
+# 2. **Forward against central differences.** For sin at x = 1 with step 1e-3, compute both differences and their
+#    errors against cos(1). Answer: about 4.2e-4 for the forward difference, 9.0e-8 for the central one: the
+#    error of the first shrinks like the step, of the second like its square (the figure's two slopes).
+# 3. **Forgetting the upstream gradient.** Make `Cube.backward` return `3 * x ** 2` (without `g`). Why does
+#    gradcheck still catch it? Answer: it multiplies the output by a random upstream gradient before summing, so
+#    `g` is not 1.

@@ -179,3 +179,15 @@ ax1.set_title(f"columns of image 0: (C*KH*KW, OH*OW) = ({C * KH * KW}, {OH * OW}
 ax1.set_xlabel("output position  i * OW + j")
 ax1.set_ylabel("c * KH * KW + k * KW + l")
 save(fig, "02_im2col.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Output size.** Predict the output of a 3x3 kernel with stride 2 and no padding on a 7 x 7 input, then check
+#    it with `F.conv2d`. Answer: 3 x 3, from (7 + 2 * 0 - 3) // 2 + 1.
+# 2. **A 1x1 convolution is a matrix product over channels.** For x of shape (2, 3, 4, 5) and w of shape (6, 3),
+#    compare `F.conv2d(x, w[:, :, None, None])` with `np.einsum("oc,nchw->nohw", w, x)`. Answer: equal to float32
+#    rounding (about 5e-7 apart).
+# 3. **The size of im2col.** How many numbers does the im2col matrix of a 3x3, stride-1, padding-1 convolution
+#    hold for one 64-channel 64 x 64 image, against the image itself? Answer: 64 * 9 rows times 64 * 64 columns,
+#    nine times the image: the reason minidet avoids building it where it can.

@@ -308,3 +308,15 @@ bars.set_ylim(0, 1.2 * max(forward_ms.values()))
 bars.set_title("backbone forward time in minidet on the CPU")
 fig.tight_layout()
 save(fig, "03_backbones.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Predict the shapes.** For a 320 x 480 image, what are the heights and widths of C3, C4 and C5? Check with
+#    `resnet18()`. Answer: 40 x 60, 20 x 30, 10 x 15.
+# 2. **Why multiples of 32.** Feed a 100 x 100 image to `resnet18()`: C3, C4, C5 are 13, 7 and 4 cells wide.
+#    Doubling C5 in the pyramid (step 4) gives 8, which cannot be added to C4's 7: the reason RetinaNet pads every
+#    batch to multiples of 32.
+# 3. **Compound scaling.** Build `minidet.models.efficientnet("b3")` and read its `out_channels`; then compute B3's
+#    C5 channels by hand from B0's 320 and B3's width factor 1.2 (rounded to a multiple of 8). Answer: (48, 136,
+#    384), and 320 * 1.2 = 384.

@@ -201,3 +201,15 @@ ax.set_aspect("equal")
 ax.axis("off")
 ax.set_title(f"Fig. 5: the feature pyramid of a {SIZE} x {SIZE} image (channels x height x width)", fontsize=12)
 save(fig, "04_feature_pyramid.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Upsampling by hand.** Double a 2 x 3 map with `np.repeat` along both axes and compare it with
+#    `F.interpolate(x, scale_factor=2)`. Answer: equal, element for element.
+# 2. **Count the pyramid's weights** for ResNet-50's channels (512, 1024, 2048) and C = 256: three 1x1 laterals,
+#    three 3x3 output convolutions, P6 (3x3 on C5) and P7 (3x3 on P6), each with a bias. Check with
+#    `FeaturePyramid((512, 1024, 2048), 256)`. Answer: 7,997,440.
+# 3. **torchvision's P6.** Build the pyramid with `p6_input="p5"` (P6 from P5, as torchvision does): are the shapes
+#    of P3-P7 any different? Answer: no; only what P6 is computed from changes, and its weights (256 input
+#    channels instead of C5's).

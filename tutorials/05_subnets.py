@@ -182,3 +182,14 @@ bars.set_title(f"rows per level: {sum(per_level_rows)} anchors in all")
 bars.spines[["top", "right"]].set_visible(False)
 fig.tight_layout()
 save(fig, "05_subnets.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Anchors of a 512 x 512 image.** With P3-P7 at strides 8 to 128 and 9 anchors per cell, how many rows M do
+#    the subnets' outputs have? Answer: (64^2 + 32^2 + 16^2 + 8^2 + 4^2) * 9 = 49,104.
+# 2. **The classifier's last layer for COCO.** With K = 80 classes and A = 9, how many output channels does the
+#    classification subnet's last convolution have? Answer: A * K = 720.
+# 3. **The reshape, done wrong.** Reshape the (N, A*K, H, W) output straight to (N, -1, K), without the permute
+#    to (N, H, W, A*K) first, and compare with `ClassificationHead`'s output. Answer: not equal: the rows then mix
+#    channels of different anchors and positions.

@@ -210,3 +210,15 @@ save(fig, "06_fitted_anchors.png")
 mine = anchor_statistics(small_objects, anchor_sizes=[16, 32, 64, 128, 256])
 print(f"your choice, P3 at 16 px: {mine.share_unmatchable:.1%} unmatchable "
       f"(fitted: {after.share_unmatchable:.1%})")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Write the anchors of one cell yourself** and check them:
+#    `from minidet.exercises import check; check("anchors", my_cell_anchors)`, where
+#    `my_cell_anchors(size, scales, aspect_ratios)` returns the (A, 4) rows (-w/2, -h/2, w/2, h/2), ratio-major,
+#    with aspect ratio = h / w. The checker says which anchor differs, and recognises w and h swapped.
+# 2. **The smallest object.** Which is the smallest square object centred on a 32 x 32 anchor that still reaches
+#    IoU 0.5 with it? Answer: 32 / sqrt(2), about 22.6 pixels: the "about 23" above.
+# 3. **One ratio only.** With `aspect_ratios=(1.0,)`, how many anchors per cell, and how many for a 256 x 256
+#    image? Answer: 3 per cell, 4,092 in all (a third of 12,276).

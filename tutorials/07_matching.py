@@ -173,3 +173,41 @@ for ax in axes:
 fig.suptitle("Matching six anchors to two objects: every label", fontsize=13, y=1.01)
 fig.tight_layout()
 save(fig, "07_matching.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# `minidet.exercises.check` runs your function against minidet's on random and edge cases and explains the first
+# difference. Here it is on minidet's own `box_iou`, and on an IoU with a classic slip, "+ 1" in every width
+# and height (the convention of pixel indices that include both ends):
+
+# %%
+from minidet.boxes import box_iou  # noqa: E402  (the exercises' imports, kept next to them)
+from minidet.exercises import ExerciseFailed, check  # noqa: E402
+
+check("iou", box_iou)
+
+
+def iou_plus_one(boxes1, boxes2):
+    top_left = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
+    sides = np.maximum(np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:]) - top_left + 1, 0)
+    inter = sides[..., 0] * sides[..., 1]
+    area1 = np.prod(boxes1[:, 2:] - boxes1[:, :2] + 1, axis=1)
+    area2 = np.prod(boxes2[:, 2:] - boxes2[:, :2] + 1, axis=1)
+    return inter / (area1[:, None] + area2[None, :] - inter)
+
+
+try:
+    check("iou", iou_plus_one)
+except ExerciseFailed as failure:
+    print(failure)
+
+# %% [markdown]
+# 1. **Write IoU yourself** (`my_iou(boxes1, boxes2) -> (N, M)`) and pass `check("iou", my_iou)`.
+# 2. **Write the matching rule** (`my_match(anchors, boxes) -> (A,)`: the best box's index where IoU >= 0.5, -1
+#    below 0.4, -2 in between, the lowest box index among ties) and pass `check("match", my_match)`; one of its
+#    cases has an anchor at IoU exactly 0.5.
+# 3. **Thresholds.** Rerun the worked example with `match_anchors(anchors, boxes, high=0.6, low=0.5)`: which
+#    labels change? Answer: only a1's, from ignored to background (its best IoU, 0.42, is now under `low`); a0,
+#    at 0.805, stays positive. In general every anchor in [0.5, 0.6) turns from positive to ignored, and every
+#    one in [0.4, 0.5) from ignored to background.

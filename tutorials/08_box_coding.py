@@ -154,3 +154,13 @@ for a, ylabel, title in ((loss_ax, "loss", "smooth L1 against L1 and L2"),
     a.grid(alpha=0.3)
 fig.tight_layout()
 save(fig, "08_box_coding.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Write the encoder** (`my_encode(boxes, anchors) -> (N, 4)` offsets dx, dy, dw, dh) and pass
+#    `from minidet.exercises import check; check("encode", my_encode)`.
+# 2. **Write smooth L1** (`my_smooth_l1(input, target, beta)`, the loss of each element) and pass
+#    `check("smooth_l1", my_smooth_l1)`; one case sits exactly at |d| = beta.
+# 3. **Round trip.** For random boxes and anchors, is `decode_boxes(encode_boxes(b, a), a)` equal to `b`? Answer:
+#    yes, to float32 rounding, as long as no dw or dh exceeds the decoder's clamp, log(1000 / 16) = 4.135.

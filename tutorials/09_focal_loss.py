@@ -184,3 +184,16 @@ ax.set_ylim(0, 1)
 ax.set_title(f"Who carries the loss (alpha 0.25): {count} negatives, {NUM_POSITIVE} positives")
 ax.legend(loc="upper left", bbox_to_anchor=(1, 1))
 save(fig, "09_loss_share.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Write the focal loss** (`my_focal(logits, targets, alpha, gamma)`, the loss of each element) and pass
+#    `from minidet.exercises import check; check("focal_loss", my_focal)`. One case has logits of -100 and +100:
+#    a cross-entropy written as log(sigmoid(x)) gives log(0) there; write it with softplus.
+# 2. **And its gradient** (`my_focal_grad(...)`, d loss / d logit) against the paper's Appendix B:
+#    `check("focal_loss_grad", my_focal_grad)`. Forgetting that (1 - p_t)^gamma depends on the logit is caught.
+# 3. **Change gamma and watch.** For an easy example with p_t = 0.9, by what factor does gamma = 2 shrink its loss
+#    against cross-entropy? And gamma = 5? Answer: (1 - 0.9)^2 = 1/100 and (0.1)^5 = 1/100,000 (before alpha).
+# 4. **Another prior.** Which class bias makes every probability start at 0.1 instead of 0.01? Answer:
+#    -log((1 - 0.1) / 0.1) = -2.197.

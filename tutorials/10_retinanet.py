@@ -249,3 +249,13 @@ bars.set_title("positive anchors per object, by level")
 bars.legend(title="level")
 fig.tight_layout()
 save(fig, "10_positive_anchors.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Count the anchors by hand** for this 256 x 256 image: P3-P7 are 32, 16, 8, 4, 2 cells across, 9 anchors
+#    per cell. Answer: 12,276, the figure's total.
+# 2. **A smaller object.** Shrink the small object to 20 x 20 pixels and rerun the matching: how many positive
+#    anchors does it get? Answer: none, being under about 23 pixels (step 6).
+# 3. **The positives set the scale.** If an image held twice as many objects, why would `RetinaNet`'s losses stay
+#    about the same size? Answer: both sums grow with the positive anchors, and both are divided by their number.

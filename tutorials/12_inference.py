@@ -396,3 +396,15 @@ save(fig, "12_precision_recall.png")
 if HAVE_PYCOCOTOOLS:   # minidet's own plot of pycocotools' curves, per class at IoU 0.5 and 0.75
     print("saved", plot_precision_recall(result.precision, result.recall_points, Shapes.classes,
                                          OUT / "12_pr_curves_per_class.png"))
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Write greedy NMS** (`my_nms(boxes, scores, iou_threshold)`, the kept indices, highest score first) and pass
+#    `from minidet.exercises import check; check("nms", my_nms)`. One case has a box at IoU exactly 0.5 with a
+#    better one: it stays (the rule drops IoU > threshold).
+# 2. **Write AP** (`my_ap(scores, is_true_positive, num_ground_truth)`, COCO's 101-point AP of one class) and pass
+#    `check("average_precision", my_ap)`; `minidet.evaluate.average_precision` is minidet's, equal to
+#    pycocotools'.
+# 3. **The NMS threshold.** Rerun the NMS example with `iou_threshold=0.3`, then 0.7: which way does the number of
+#    kept boxes go? Answer: at 0.3 never more than at 0.5 (more boxes count as duplicates), at 0.7 never fewer.

@@ -218,3 +218,15 @@ else:
                                                   0.4, True, version)
         print(f"GPU, version {version}: matches equal {np.array_equal(cp.asnumpy(gpu_matches), expected_matches)}")
         assert np.array_equal(cp.asnumpy(gpu_matches), expected_matches)
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **The launch.** For 8 images x 120,519 anchors, one thread each, in blocks of 256, how many blocks? Answer:
+#    ceil(964,152 / 256) = 3,767.
+# 2. **Shared memory.** Version 2 keeps a tile of 256 boxes in shared memory, five float32 values each (the corners
+#    and the area). How many bytes is that? Answer: 5,120 bytes (plus 1 KB for the boxes' best IoUs), far under
+#    the 48 KB a block may use.
+# 3. **Why atomicMax on bits.** Each box's best IoU over all anchors is the maximum of values computed by
+#    different threads; IoUs are non-negative floats, and for those the order of the bit patterns read as integers
+#    is the order of the values, so an integer atomicMax finds the float maximum.

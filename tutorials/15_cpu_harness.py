@@ -216,3 +216,16 @@ race_axes.set_title("loss without the __syncthreads, by schedule", fontsize=10)
 race_axes.legend(fontsize=8, loc="upper left")
 fig.tight_layout()
 save(fig, "15_cpu_harness.png")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. **Why one order shows the race and the other hides it.** Answer: the reader is warp 0. In forward order it
+#    runs first and reads the other warps' totals before they are written (the poison, a NaN); in reverse order
+#    every other warp has written its total by the time warp 0 reads. Which order would a GPU use? Any: that is
+#    why CI runs the kernel tests in two orders.
+# 2. **Why the shuffle deadlocks.** A warp shuffle needs every thread named in its mask to arrive at it; in a
+#    branch only some threads do, so the others are waited for forever. The harness reports it instead of hanging.
+# 3. **A Python float for a `float`.** ctypes passes a Python float as a C double (8 bytes) unless told the
+#    argument types; the kernel reads 4 of them. What does the harness do about it? Answer: it checks every
+#    argument against the kernel's signature before the launch and refuses the wrong type by name.
