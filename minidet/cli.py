@@ -437,6 +437,7 @@ def add_train_flags(parser):
                                           "_bn), efficientnet_b0 to efficientnet_b7, or, to train on a laptop CPU, "
                                           "resnet_small, vgg_small, efficientnet_small"),
         ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
+        ("--box-loss-weight", float, "lambda, the weight of the box loss in L = L_cls + lambda * L_loc"),
         ("--head-norm", ["group", "none"], "normalisation in the subnets' towers"),
         ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (minidet.models.PRESETS)"),
         ("--image-size", int, "without --data: the side of the shapes images, in pixels"),

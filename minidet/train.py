@@ -67,6 +67,8 @@ class TrainConfig:
             0.3 M backbone parameters, a step of 16 images of 128 x 128 in about 0.3 s on a CPU). Group norm in
             the subnets (``head_norm="group"``, as torchvision's ``retinanet_resnet50_fpn_v2`` has) makes a model
             trained from scratch learn faster.
+        box_loss_weight: lambda, the weight of the box regression loss against the classification loss (1, the
+            paper's), passed to ``RetinaNet``.
     Data:
         min_size, max_size: every image (in training, evaluation and detection) is first resized, keeping its
             aspect ratio, so that its shorter side is ``min_size`` pixels, unless its longer side would then exceed
@@ -120,6 +122,7 @@ class TrainConfig:
     anchor_sizes: list[float] | None = None
     aspect_ratios: list[float] | None = None
     auto_anchors: bool = True
+    box_loss_weight: float = 1.0
     # data
     min_size: int | None = None
     max_size: int | None = 512
@@ -177,6 +180,8 @@ class TrainConfig:
         check(self.aspect_ratios is None or positive_numbers(self.aspect_ratios), "aspect_ratios",
               "None or a list of aspect ratios h / w > 0")
         check(isinstance(self.auto_anchors, bool), "auto_anchors", "True or False")
+        check(number(self.box_loss_weight) and self.box_loss_weight >= 0, "box_loss_weight",
+              "a number >= 0 (the article's lambda; 1 is the paper's)")
         check(self.min_size is None or whole(self.min_size, 8), "min_size", "None or a whole number of pixels >= 8")
         check(self.max_size is None or whole(self.max_size, 32), "max_size", "None or a whole number of pixels >= 32")
         check(self.min_size is None or self.max_size is None or self.min_size <= self.max_size, "min_size",
@@ -324,7 +329,8 @@ def build_model(config):
     manual_seed(config.seed)
     model = RetinaNet(config.num_classes, backbone=config.backbone, preset=config.preset,
                       fpn_channels=config.fpn_channels, head_norm=config.head_norm,
-                      anchor_sizes=config.anchor_sizes, aspect_ratios=config.aspect_ratios)
+                      anchor_sizes=config.anchor_sizes, aspect_ratios=config.aspect_ratios,
+                      box_loss_weight=config.box_loss_weight)
     return model.to(config.device)
 
 
@@ -586,7 +592,7 @@ def train(config=None, dataset=None, resume=False):
                                                      config.multiscale_sizes)
 
                     losses = model(images, targets)
-                    loss = losses["classification"] + losses["box_regression"]
+                    loss = losses["loss"]
                     loss_value = loss.item()
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(_divergence_message("loss", loss_value, step + 1, epoch, lr,

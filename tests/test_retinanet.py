@@ -77,6 +77,22 @@ def test_found_objects_needs_the_class_the_overlap_and_the_score():
     assert found_objects([detections], [target], min_score=0.1) == 1
 
 
+def test_the_loss_to_train_is_classification_plus_lambda_times_box_regression():
+    md.manual_seed(0)
+    images = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    targets = [target([[8, 8, 40, 40]], [1])]
+    losses = {}
+    for weight in (1.0, 2.5):
+        md.manual_seed(0)
+        losses[weight] = RetinaNet(K, backbone="resnet_small", fpn_channels=16, box_loss_weight=weight)(images, targets)
+    for weight, loss in losses.items():
+        expected = loss["classification"].item() + weight * loss["box_regression"].item()
+        assert loss["loss"].item() == pytest.approx(expected, rel=1e-6)
+    assert losses[2.5]["box_regression"].item() == losses[1.0]["box_regression"].item() > 0
+    with pytest.raises(ValueError, match="box_loss_weight .the article's lambda. must be >= 0, got -1"):
+        RetinaNet(K, backbone="resnet_small", box_loss_weight=-1)
+
+
 def test_unknown_preset_and_backbone_are_refused():
     with pytest.raises(ValueError, match="unknown preset 'detectron'"):
         RetinaNet(3, preset="detectron")

@@ -339,6 +339,7 @@ BAD_SETTINGS = [
     ("max_size", 512.0), ("anchor_sizes", [32, 64]), ("anchor_sizes", [64, 32, 128, 256, 512]),
     ("anchor_sizes", [0, 1, 2, 3, 4]), ("aspect_ratios", []), ("aspect_ratios", [0, 1]), ("auto_anchors", "yes"),
     ("multiscale_sizes", []), ("multiscale_sizes", [96, 4]), ("multiscale_sizes", [96.5]),
+    ("box_loss_weight", -1.0), ("box_loss_weight", float("nan")),
 ]
 
 
@@ -452,6 +453,20 @@ def test_auto_anchors_fit_small_objects_say_so_and_the_run_keeps_them(tmp_path, 
     kept = train(tiny_config(tmp_path / "kept", epochs=1), small)           # auto_anchors=False
     assert kept.config.anchor_sizes is None and kept.model.anchor_generator.sizes == (32, 64, 128, 256, 512)
     assert "anchors:" not in capsys.readouterr().out
+
+
+def test_box_loss_weight_reaches_the_model_and_weights_the_loss_that_is_trained(tmp_path):
+    config = tiny_config(tmp_path, box_loss_weight=0.0, epochs=1, num_classes=len(SHAPE_CLASSES))
+    assert build_model(config).box_loss_weight == 0.0
+    before = build_model(config).state_dict()
+    result = train(config)
+    after = result.model.state_dict()
+    # With lambda = 0 nothing reaches the regression subnet's last layer but weight decay: it moves by a factor.
+    weight = "regression_head.bbox_reg.weight"
+    ratio = after[weight] / before[weight]
+    np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-5)
+    logits = "classification_head.cls_logits.weight"
+    assert not np.allclose(after[logits] / before[logits], (after[logits] / before[logits]).flat[0])
 
 
 def test_anchor_settings_reach_the_model_and_its_heads():

@@ -155,7 +155,9 @@ save(fig, "10_architecture.png")
 #    elsewhere, summed over every anchor that is not ignored;
 # 4. box regression: smooth L1 (beta 0.11) between the positive anchors' predicted offsets and their boxes
 #    encoded against them;
-# 5. divide both by the number of positive anchors.
+# 5. divide both by the number of positive anchors;
+# 6. the loss to train is the article's L = L_cls + lambda L_loc, with lambda = 1 (the paper's; `RetinaNet`'s
+#    `box_loss_weight`, below).
 
 # %%
 cls_logits = model.classification_head(features)                      # (1, M, K)
@@ -197,10 +199,44 @@ print("the losses by hand equal RetinaNet's")
 print(f"at the start a positive costs about 0.25 x 0.99^2 x log(100) = {0.25 * 0.99 ** 2 * np.log(100):.3f} "
       f"and a negative almost nothing: the classification loss per positive is {losses['classification'].item():.3f}")
 
-(losses["classification"] + losses["box_regression"]).backward()
+assert_close(losses["loss"], classification_hand + box_regression_hand, rtol=1e-5, name="L = L_cls + L_loc")
+
+losses["loss"].backward()
 grad_norm = np.sqrt(sum((p.grad.astype(np.float64) ** 2).sum() for p in model.parameters() if p.grad is not None))
 print(f"backward: gradients for {sum(p.grad is not None for p in model.parameters())} parameter tensors, "
       f"norm {grad_norm:.3f}")
+
+# %% [markdown]
+# ## lambda: how much the boxes count
+#
+# The article writes the loss as L = lambda L_loc + L_cls: lambda (`RetinaNet(box_loss_weight=...)`,
+# `TrainConfig.box_loss_weight`, `minidet train --box-loss-weight`) sets how much getting the boxes right counts
+# against getting the classes right. The regression subnet's gradients scale with lambda and the classification
+# subnet's do not depend on it at all; the backbone and the pyramid, which both subnets share, get a mix, so
+# lambda decides how much of what they learn serves the boxes; 0 would train a detector whose boxes never leave
+# its anchors. Below, the same model and image with lambda 1 and 4: the gradient norm of each part (here the
+# pyramid's and the backbone's come almost all from the boxes, as the untrained classifier's loss is nearly flat).
+
+
+# %%
+def gradient_norms(box_loss_weight):
+    """The gradient norm of each part of the model for one backward of L = L_cls + lambda L_loc."""
+    md.manual_seed(0)
+    weighted = RetinaNet(num_classes=3, backbone="resnet_small", fpn_channels=CHANNELS,
+                         box_loss_weight=box_loss_weight)
+    weighted(images, targets)["loss"].backward()
+    parts = {"classification subnet": weighted.classification_head, "regression subnet": weighted.regression_head,
+             "pyramid": weighted.fpn, "backbone": weighted.backbone}
+    return {name: np.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in part.parameters()))
+            for name, part in parts.items()}
+
+
+norms = {weight: gradient_norms(weight) for weight in (1.0, 4.0)}
+for name in norms[1.0]:
+    print(f"{name:22s} gradient norm: lambda 1 {norms[1.0][name]:8.4f}, lambda 4 {norms[4.0][name]:8.4f}, "
+          f"ratio {norms[4.0][name] / norms[1.0][name]:.2f}")
+assert abs(norms[4.0]["regression subnet"] / norms[1.0]["regression subnet"] - 4) < 1e-4
+assert abs(norms[4.0]["classification subnet"] / norms[1.0]["classification subnet"] - 1) < 1e-6
 
 # %% [markdown]
 # An untrained model finds nothing: every probability starts at 0.01, under the 0.05 score threshold.
@@ -257,5 +293,8 @@ save(fig, "10_positive_anchors.png")
 #    per cell. Answer: 12,276, the figure's total.
 # 2. **A smaller object.** Shrink the small object to 20 x 20 pixels and rerun the matching: how many positive
 #    anchors does it get? Answer: none, being under about 23 pixels (step 6).
-# 3. **The positives set the scale.** If an image held twice as many objects, why would `RetinaNet`'s losses stay
+# 3. **lambda.** With `box_loss_weight=0`, which parameters get no gradient from the boxes at all, and what would
+#    such a detector predict? Answer: the whole regression subnet gets a zero gradient (only weight decay moves
+#    it), so its offsets stay those of its initial weights: boxes near the anchors, wherever the objects are.
+# 4. **The positives set the scale.** If an image held twice as many objects, why would `RetinaNet`'s losses stay
 #    about the same size? Answer: both sums grow with the positive anchors, and both are divided by their number.

@@ -112,7 +112,7 @@ def two_steps_of_minidet(optimizer):
     for _ in range(2):
         losses = model(images, targets)
         optimizer.zero_grad()
-        (losses["classification"] + losses["box_regression"]).backward()
+        losses["loss"].backward()
         optimizer.step()
         schedule.step()
     return model

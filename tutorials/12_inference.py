@@ -68,7 +68,7 @@ optimizer = optim.Adam(model.parameters(), lr=1e-3)
 for step in range(STEPS):
     losses = model(images, targets)
     optimizer.zero_grad()
-    (losses["classification"] + losses["box_regression"]).backward()
+    losses["loss"].backward()
     optimizer.step()
     if step in (0, STEPS - 1):
         print(f"step {step + 1:3d}: classification {losses['classification'].item():.3f}, "

@@ -92,18 +92,21 @@ class RetinaNet(nn.Module):
         topk_candidates: and at most this many of them per pyramid level (1000).
         nms_thresh: the IoU above which class-wise NMS drops the lower-scoring box (0.5).
         detections_per_img: the most detections kept per image; None takes the preset's (100 or 300).
+        box_loss_weight: lambda in the article's L = lambda * L_loc + L_cls, the weight of the box regression loss
+            in the loss to backpropagate (1, as in the paper and torchvision).
 
     Modules: ``backbone``, ``fpn``, ``classification_head``, ``regression_head``; ``anchor_generator`` (no weights).
 
     Calling the model:
         ``model(images, targets)`` in training returns the losses (see ``compute_loss``); backpropagate
-        ``losses["classification"] + losses["box_regression"]``.
+        ``losses["loss"]``, which is ``losses["classification"] + box_loss_weight * losses["box_regression"]``.
         ``model(images)`` returns ``model.predict(images)``, the detections.
     """
 
     def __init__(self, num_classes, backbone="resnet50", preset="paper", fpn_channels=256, head_norm=None,
                  backbone_norm=None, allow_low_quality_matches=None, anchor_sizes=None, aspect_ratios=None,
-                 score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_img=None):
+                 score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_img=None,
+                 box_loss_weight=1.0):
         super().__init__()
         if preset not in PRESETS:
             raise ValueError(f"RetinaNet: unknown preset {preset!r}: use one of {tuple(PRESETS)}")
@@ -116,6 +119,9 @@ class RetinaNet(nn.Module):
                                           else allow_low_quality_matches)
         self.match_zero_iou = settings["match_zero_iou"]
         self.box_loss_beta = settings["box_loss_beta"]
+        if not box_loss_weight >= 0:
+            raise ValueError(f"RetinaNet: box_loss_weight (the article's lambda) must be >= 0, got {box_loss_weight}")
+        self.box_loss_weight = box_loss_weight
         self.loss_normalization = settings["loss_normalization"]
         self.score_thresh = score_thresh
         self.topk_candidates = topk_candidates
@@ -186,7 +192,8 @@ class RetinaNet(nn.Module):
             targets: list of N dicts {"boxes": (G_i, 4), "labels": (G_i,)}, as for ``forward``.
 
         Returns:
-            dict: "classification" and "box_regression", scalar Tensors (the loss to backpropagate is their sum);
+            dict: "classification" and "box_regression", scalar Tensors; "loss", the loss to backpropagate,
+            classification + ``box_loss_weight`` * box_regression (the article's L = L_cls + lambda L_loc);
             "num_positive", "num_ignored", "num_negative", ints, the anchors of the whole batch in each category.
         """
         num_images, num_anchors, num_classes = cls_logits.shape
@@ -237,6 +244,7 @@ class RetinaNet(nn.Module):
         box_regression = (box_loss.sum(dim=1) / divisor[image_of_positive]).sum()
 
         return {"classification": classification, "box_regression": box_regression,
+                "loss": classification + self.box_loss_weight * box_regression,
                 "num_positive": int(positive.sum()), "num_ignored": int((matches == IGNORED).sum()),
                 "num_negative": int((matches == BACKGROUND).sum())}
 
