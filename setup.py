@@ -19,6 +19,9 @@ setup(
         "cuda13": ["cupy-cuda13x[ctk]>=13"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "jupytext>=1.16"],
+        # The tutorials as notebooks: jupytext converts the steps, Jupyter Notebook opens them, nbclient runs
+        # them in tests, ipywidgets draws tqdm's progress bars in a notebook.
+        "notebooks": ["jupytext>=1.16", "notebook>=7", "ipykernel>=6", "nbclient>=0.10", "ipywidgets>=8"],
     },
     entry_points={"console_scripts": ["minidet = minidet.cli:main"]},
 )

@@ -20,14 +20,13 @@ import contextlib
 import dataclasses
 import io
 import math
-import sys
 
 import numpy as np
-from tqdm import tqdm
 
 from minidet import backend
 from minidet.boxes import clip_boxes
 from minidet.data.transforms import batches, collate, normalize, resize, scale_boxes_back
+from minidet.progress import progress_bar
 
 RECALL_POINTS = np.linspace(0, 1, 101)
 
@@ -135,7 +134,7 @@ def predict_dataset(model, dataset, batch_size=8, min_size=None, max_size=None, 
     Args:
         model, batch_size, min_size, max_size: as for ``predict_images``.
         dataset: a sequence of (image (3, H, W) float32 in [0, 1], target).
-        progress: show a tqdm bar on stderr (never when stderr is not a terminal, e.g. in a log file).
+        progress: show a progress bar (on a terminal or in a Jupyter notebook; never into a log file).
 
     Returns:
         a list of ``len(dataset)`` detection dicts, in dataset order, as ``predict_images`` returns them.
@@ -143,8 +142,7 @@ def predict_dataset(model, dataset, batch_size=8, min_size=None, max_size=None, 
     if batch_size < 1:
         raise ValueError(f"predict_dataset: batch_size must be at least 1, got {batch_size}")
     detections = []
-    bar = tqdm(total=len(dataset), unit="image", desc="predict", dynamic_ncols=True,
-               disable=not (progress and sys.stderr.isatty()))
+    bar = progress_bar(progress, total=len(dataset), unit="image", desc="predict", dynamic_ncols=True)
     try:
         for items in batches(dataset, batch_size):
             detections.extend(predict_images(model, [image for image, _ in items], batch_size=len(items),

@@ -32,18 +32,17 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 import warnings
 
 import numpy as np
-from tqdm import tqdm
 
 from minidet import anchor_report, backend, optim
 from minidet.checkpoint import load, save
 from minidet.data import Shapes, collate, horizontal_flip, normalize, resize
 from minidet.models.retinanet import BACKBONES, PRESETS, RetinaNet
 from minidet.nn.init import manual_seed
+from minidet.progress import progress_bar
 
 
 @dataclasses.dataclass
@@ -109,7 +108,7 @@ class TrainConfig:
         out: the run folder (``metrics.jsonl``, ``last.npz``).
         log_every: write a line to ``metrics.jsonl`` every this many steps.
         checkpoint_every: None, or also write ``last.npz`` every this many steps (besides the end of each epoch).
-        progress: show a progress bar (only when stderr is a terminal).
+        progress: show a progress bar (on a terminal or in a Jupyter notebook; never into a log file).
     """
 
     # model
@@ -570,8 +569,7 @@ def train(config=None, dataset=None, resume=False):
 
     model.train()
     parameters = model.parameters()
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (config.progress and sys.stderr.isatty()))
+    bar = progress_bar(config.progress, total=total_steps, initial=step, unit="step", dynamic_ncols=True)
     try:
         with open(metrics_path, "a", encoding="utf-8") as metrics_file:
             for epoch in range(start_epoch, config.epochs):

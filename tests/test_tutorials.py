@@ -40,3 +40,27 @@ def test_tutorial_step_runs_and_saves_its_figures(step, tmp_path):
         assert path.suffix == ".png", f"{step.name}: {path.name} is not a .png"
         data = path.read_bytes() if path.is_file() else b""
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000, f"{step.name}: {path.name} is not a valid PNG"
+
+
+# Steps run as notebooks, the way a learner opens them: converted by jupytext, executed cell by cell in a Jupyter
+# kernel by nbclient, from tutorials/ (where tutorial_setup.py is found). CI installs both; without them the test
+# says what to install.
+NOTEBOOK_STEPS = ["01_autograd", "07_matching", "11_training"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_STEPS)
+def test_tutorial_step_runs_as_a_notebook(name, tmp_path, monkeypatch):
+    jupytext = pytest.importorskip("jupytext", reason="pip install -e '.[notebooks]' to run the steps as notebooks")
+    nbclient = pytest.importorskip("nbclient", reason="pip install -e '.[notebooks]' to run the steps as notebooks")
+    monkeypatch.setenv("MINIDET_TUTORIAL_SMALL", "1")       # the kernel inherits this process's environment
+    monkeypatch.setenv("MINIDET_TUTORIAL_OUT", str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    notebook = jupytext.read(ROOT / "tutorials" / f"{name}.py")
+    assert sum(cell.cell_type == "markdown" for cell in notebook.cells) >= 3     # prose cells, not one big script
+    nbclient.NotebookClient(notebook, timeout=TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT / "tutorials")}}).execute()
+    outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert images, f"{name}: no figure shown inline"              # tutorial_setup.save shows them in a notebook
+    assert list(tmp_path.glob("*.png")), f"{name}: no figure saved"

@@ -153,7 +153,8 @@ ax.legend(fontsize=8)
 save(fig, "01_finite_differences.png")
 
 # %% [markdown]
-# `minidet.testing.gradcheck` does this for every element of every input (in float64), and multiplies the output
+# `minidet.testing.gradcheck` does this for every element of every input (in float64; in an input of more than
+# 2000 elements, for 2000 drawn at random: `max_elements`), and multiplies the output
 # by a random upstream gradient first, so a `backward` that forgets to multiply by its incoming gradient fails.
 # It raises an error naming the input, the index and both values; here it returns `True`.
 
