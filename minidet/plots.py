@@ -369,7 +369,7 @@ def plot_precision_recall(precision, recall_points, class_names, path):
                          "has -1 at some recall points but not all; pycocotools writes -1 for whole classes only. "
                          "Is precision pycocotools' eval['precision'][:, :, :, 0, -1]?")
 
-    fig = Figure(figsize=(9.5, 5 + 0.18 * num_classes), layout="constrained")
+    fig = Figure(figsize=(10, 5.2), layout="constrained")
     for ax, iou in zip(fig.subplots(1, 2, sharey=True), (0.5, 0.75)):
         t = int(np.argmin(np.abs(COCO_IOU_THRESHOLDS - iou)))
         aps = []
@@ -386,10 +386,9 @@ def plot_precision_recall(precision, recall_points, class_names, path):
                    else "no class has ground truth")
         ax.set_title(f"IoU {iou:.2f}: {summary}", fontsize=10)
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall")
-        ax.set_aspect("equal")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=1 if num_classes <= 8 else 2,
-                  fontsize="small", frameon=False)
+        # Upper right: where precision-recall curves, which fall as recall grows, leave room.
+        ax.legend(loc="upper right", ncols=1 if num_classes <= 8 else 2, fontsize="small", framealpha=0.85)
     fig.axes[0].set_ylabel("precision (interpolated)")
     fig.suptitle("precision-recall per class (COCO: 101 recall points)")
     return _save(fig, path, dpi=100)

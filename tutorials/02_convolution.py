@@ -156,21 +156,24 @@ print(f"loops {t_loops * 1e3:.2f} ms, im2col {t_im2col * 1e3:.3f} ms, F.conv2d {
 # ## The picture: one window becomes one column
 #
 # On the left, the padded input of channel 0 with the window of output position (1, 1) outlined; on the right, the
-# column matrix of image 0, C*KH*KW rows by OH*OW columns, with that window's column outlined. Reading the
-# column top to bottom walks the window channel by channel, row by row.
+# column matrix of image 0, C*KH*KW rows by OH*OW columns, with that window's column outlined, in one colour scale:
+# each value of the window reappears with its colour in the column. Reading the column top to bottom walks the
+# window channel by channel, row by row.
 
 # %%
 i, j = 1, 1
 position = i * OW + j
 padded = np.pad(x[0, 0], PAD)
-fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
-ax0.imshow(padded, cmap="coolwarm")
+fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10.8, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+limit = np.abs(cols[0]).max()                              # one colour scale for both: a value keeps its colour
+ax0.imshow(padded, cmap="coolwarm", vmin=-limit, vmax=limit)
 ax0.add_patch(plt.Rectangle((j * STRIDE - 0.5, i * STRIDE - 0.5), KW, KH, fill=False, ec="black", lw=2.5))
 ax0.set_title(f"padded input, channel 0 ({padded.shape[0]}x{padded.shape[1]})\n"
               f"window of output ({i}, {j}), stride {STRIDE}")
 ax0.set_xlabel("x")
 ax0.set_ylabel("y")
-ax1.imshow(cols[0], cmap="coolwarm", aspect="auto")
+shown = ax1.imshow(cols[0], cmap="coolwarm", aspect="auto", vmin=-limit, vmax=limit)
+fig.colorbar(shown, ax=[ax0, ax1], shrink=0.8, label="value (the same scale in both panels)")
 ax1.add_patch(plt.Rectangle((position - 0.5, -0.5), 1, C * KH * KW, fill=False, ec="black", lw=2.5))
 for c in range(1, C):
     ax1.axhline(c * KH * KW - 0.5, color="white", lw=1)

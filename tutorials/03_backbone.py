@@ -33,15 +33,17 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-from tutorial_setup import SMALL, save  # shared by the steps: tutorials/tutorial_setup.py
+from tutorial_setup import SMALL, course_training, save, trained_detector  # shared: tutorials/tutorial_setup.py
 
 import minidet as md
 import minidet.functional as F
+from minidet.data import Shapes
 from minidet.functional.conv import output_size
 from minidet.models import BACKBONES, FeaturePyramid
 from minidet.models.efficientnet import SCALING
 from minidet.models.resnet import resnet18, resnet_small
 from minidet.testing import assert_close
+from minidet.train import training_batch
 
 SIZE = 128 if SMALL else 256
 md.manual_seed(0)
@@ -137,6 +139,40 @@ for ax in axes.ravel():
 fig.suptitle("Feature maps of the bottom-up pathway (randomly initialised backbone): finer to coarser", fontsize=13)
 fig.tight_layout()
 save(fig, "03_feature_maps.png")
+
+# %% [markdown]
+# ### Fig. 3 again, after training
+#
+# Random weights respond to edges and colours everywhere alike. The same drawing for the backbone of the detector
+# that step 11 trains on the Shapes images (`trained_detector`, in `tutorial_setup.py`: loaded from step 11's run
+# folder, or trained there first, once, if you have not run step 11 yet), on a Shapes image it never saw: its most
+# varied channels now single out the objects against the cluttered background, and the coarser levels respond to
+# whole objects rather than to their edges. (In the small run the detector has trained for only 8 steps, and
+# looks much like the random one.)
+
+# %%
+detector = trained_detector().eval()
+shape_image, shape_target = Shapes(1, image_size=course_training().image_size, seed=1)[0]
+batch, _ = training_batch([(shape_image, shape_target)], np.random.default_rng(0), 0.0, "cpu")  # normalised
+with md.no_grad():
+    trained_maps = detector.backbone(md.tensor(batch))
+fig, axes = plt.subplots(3, 5, figsize=(12, 7.5))
+for row, (name, c) in enumerate(zip(("C3", "C4", "C5"), trained_maps)):
+    maps = c.numpy()[0]
+    top = np.argsort(maps.reshape(len(maps), -1).var(axis=1))[::-1][:4]
+    axes[row, 0].imshow(shape_image.transpose(1, 2, 0))
+    for (x1, y1, x2, y2) in shape_target["boxes"]:
+        axes[row, 0].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=1, ls="--"))
+    axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]} x {maps.shape[2]} cells", fontsize=11)
+    for col, channel in enumerate(top, start=1):
+        axes[row, col].imshow(maps[channel], cmap="viridis", interpolation="nearest")
+        axes[row, col].set_title(f"{name} channel {channel}", fontsize=9)
+for ax in axes.ravel():
+    ax.set_xticks([])
+    ax.set_yticks([])
+fig.suptitle("Feature maps of the backbone trained in step 11, on a held-out Shapes image", fontsize=13)
+fig.tight_layout()
+save(fig, "03_feature_maps_trained.png")
 
 # %% [markdown]
 # ## Three families, one interface

@@ -140,13 +140,14 @@ for level, p in enumerate(pyramid, start=3):
 # %% [markdown]
 # ### Fig. 5: the design of the feature pyramid, drawn from the shapes above
 #
-# Each box is drawn with a height proportional to the size of its feature map. On the left the bottom-up
+# Each box is drawn as a square whose side grows with its feature map's side (a fixed 0.35 plus a part proportional
+# to the map's side, so that the 1 x 1 P7 still shows). On the left the bottom-up
 # pathway (the backbone), in the middle the top-down pathway with its lateral connections, on the right the
 # levels the subnets will see.
 
 # %%
 def box(ax, x, y, size, label, colour):
-    side = 0.35 + 1.6 * size / SIZE * 8                     # proportional to the map's side
+    side = 0.35 + 1.6 * size / SIZE * 8                     # grows with the map's side
     ax.add_patch(Rectangle((x - side / 2, y - side / 2), side, side, fc=colour, ec="black", lw=1))
     ax.text(x, y - side / 2 - 0.12, label, ha="center", va="top", fontsize=8.5)
     return side

@@ -80,16 +80,19 @@ print(f"3 x 3 map: {grid_md.shape[0]} anchors = 3*3*9; cell (1, 1), a=4 is row {
 # %% [markdown]
 # ### Fig. 7: anchors for one cell of a 3 x 3 feature map
 #
-# Left: the 9 anchors of the centre cell; colour is the aspect ratio, line style the scale. Right: all 81
-# anchors of the 3 x 3 map (the grey square is the 24 x 24 pixel area the map covers). Each anchor is about four
-# cells wide, so the anchors of neighbouring cells overlap heavily.
+# Left: the 9 anchors of the centre cell; colour is the aspect ratio, line style the scale. Right: one of the 9
+# anchors of every cell, the 32 x 32 square (81 anchors in all would be a tangle); the grey square is the 24 x 24
+# pixel area the map covers, and each anchor's centre, its cell's, is a dot of its colour. Each anchor is four cells
+# wide, so the anchors of neighbouring cells overlap heavily (the darker, the more of them): an object is seen by
+# the anchors of several cells.
 
 # %%
 colours = {0.5: "tab:blue", 1.0: "tab:green", 2.0: "tab:red"}
 styles = dict(zip(scales, ("-", "--", ":")))
 fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+SQUARE = list(ratios).index(1.0) * len(scales)          # the ratio-1, scale-1 anchor of a cell: a = 3
 for ax, rows, title in ((axes[0], range(36, 45), "the 9 anchors of the centre cell (1, 1)"),
-                        (axes[1], range(81), "all 81 anchors of the 3 x 3 map")):
+                        (axes[1], range(SQUARE, 81, 9), "the 32 x 32 anchor of each of the 9 cells")):
     ax.add_patch(Rectangle((0, 0), W * STRIDE, H * STRIDE, fc="0.85", ec="none"))
     for k in range(4):
         ax.plot([0, W * STRIDE], [k * STRIDE] * 2, color="0.5", lw=0.8)
@@ -98,8 +101,11 @@ for ax, rows, title in ((axes[0], range(36, 45), "the 9 anchors of the centre ce
         a = m % 9
         r, s = ratios[a // 3], scales[a % 3]
         x1, y1, x2, y2 = grid_md[m]
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=colours[r], ls=styles[s],
-                               lw=1.6 if len(rows) == 9 else 0.6, alpha=1 if len(rows) == 9 else 0.7))
+        colour = colours[r] if ax is axes[0] else plt.get_cmap("tab10")(m // 9)     # right: a colour per cell
+        face = "none" if ax is axes[0] else (*colour[:3], 0.07)                        # darker where they overlap
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fc=face, ec=colour, ls=styles[s], lw=1.6))
+        if ax is axes[1]:
+            ax.plot((x1 + x2) / 2, (y1 + y2) / 2, "o", color=colour, ms=7)            # its cell's centre
     ax.plot(xs.ravel(), ys.ravel(), "k.", ms=6)
     ax.set_xlim(-30, 54)
     ax.set_ylim(54, -30)                                    # image coordinates: y grows downwards

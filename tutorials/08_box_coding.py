@@ -115,8 +115,8 @@ print("gradcheck smooth_l1_loss:",
 # %% [markdown]
 # ### The picture
 #
-# Left: a 32-pixel anchor, its box and the offsets that relate them. Right: the smooth L1 loss for the paper's
-# beta and for beta = 1, against L1 and L2, and their slopes.
+# Left: a 32-pixel anchor, its box and the offsets that relate them. Middle: the smooth L1 loss for the paper's
+# beta and for beta = 1, against L1 and L2. Right: their slopes.
 
 # %%
 fig, (ax, loss_ax, slope_ax) = plt.subplots(1, 3, figsize=(15, 4.6))
@@ -131,9 +131,9 @@ dx, dy, dw, dh = deltas[0]
 ax.text(10, 70, f"dx = (gcx - acx) / aw = {dx:.3f}\ndy = (gcy - acy) / ah = {dy:.3f}\n"
         f"dw = log(gw / aw) = {dw:.3f}\ndh = log(gh / ah) = {dh:.3f}", fontsize=9, va="top", family="monospace")
 ax.set_xlim(5, 70)
-ax.set_ylim(95, 5)
+ax.set_ylim(95, -3)
 ax.set_aspect("equal")
-ax.legend(loc="lower right", fontsize=8)
+ax.legend(loc="upper left", fontsize=8, ncol=2)           # above the boxes; the offsets' text is below them
 ax.set_title("the offsets of a box relative to its anchor")
 d = np.linspace(-1.5, 1.5, 601)
 for beta, colour in ((BETA, "tab:red"), (1.0, "tab:orange")):

@@ -65,7 +65,8 @@ for gamma in (0.0, 2.0):
 print("F.sigmoid_focal_loss equals the formula for gamma 0 (weighted cross-entropy) and 2")
 big = F.sigmoid_focal_loss(md.tensor(np.array([-100.0, 100.0], dtype=np.float32)),
                            md.tensor(np.array([1.0, 0.0], dtype=np.float32)), alpha=-1, gamma=0)
-print("stable for logits of +-100 in float32 (badly wrong: loss ~100):", big.numpy())
+print("stable for logits of +-100 in float32: two confident, wrong predictions cost", big.numpy(),
+      "(the exact cross-entropy, 100 + log(1 + e^-100), not inf or nan)")
 
 # %% [markdown]
 # The gradient with respect to the logit has a closed form (the paper's Appendix B), with y = +1 or -1:
@@ -85,9 +86,9 @@ print("backward equals Appendix B's closed form;",
 # %% [markdown]
 # ### Fig. 8: focal loss against cross-entropy
 #
-# The loss as a function of p_t, for several gamma (alpha off, as in the paper's Fig. 1). gamma = 0 is the
-# cross-entropy. The region p_t > 0.6, "well-classified examples", is where the curves separate: there the focal
-# loss is a small fraction of the cross-entropy.
+# The loss as a function of p_t, for several gamma (alpha off, as in Fig. 1 of the focal loss paper, Lin et al.,
+# which the article's Fig. 8 redraws). gamma = 0 is the cross-entropy. The region p_t > 0.6, "well-classified
+# examples", is where the curves separate: there the focal loss is a small fraction of the cross-entropy.
 
 # %%
 GAMMAS = (0, 0.5, 1, 2, 5)

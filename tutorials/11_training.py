@@ -36,14 +36,14 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from tutorial_setup import OUT, SMALL, save  # shared by the steps: tutorials/tutorial_setup.py
+from tutorial_setup import OUT, SMALL, course_training, save  # shared by the steps: tutorials/tutorial_setup.py
 
 import minidet as md
 from minidet import optim
 from minidet.data import Shapes
 from minidet.models import RetinaNet
 from minidet.plots import plot_losses
-from minidet.train import TrainConfig, train, training_batch
+from minidet.train import train, training_batch
 
 # %% [markdown]
 # ## One step by hand
@@ -174,12 +174,7 @@ assert largest_difference(by_hand, adam) <= 1e-7
 # of 128 x 128 for 6 epochs, 192 steps: a few minutes on a laptop CPU.
 
 # %%
-RUN = Path(OUT) / "runs" / "11_training"
-if SMALL:
-    config = TrainConfig(fpn_channels=32, num_images=8, image_size=64, batch_size=4, epochs=4, warmup_iters=4,
-                         progress=False, out=str(RUN))     # 32 channels: group norm splits them into 32 groups
-else:
-    config = TrainConfig(num_images=512, image_size=128, batch_size=16, epochs=6, warmup_iters=50, out=str(RUN))
+config = course_training()     # in tutorial_setup.py: steps 3 and 12 load the detector this run trains
 result = train(config)
 steps_per_epoch = math.ceil(config.num_images / config.batch_size)
 print(f"trained {len(result.metrics)} steps of {config.optimizer} ({config.epochs} epochs of {steps_per_epoch} steps, "

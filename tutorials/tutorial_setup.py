@@ -1,4 +1,5 @@
-"""What every tutorial step shares: the small-size switch, where figures go, and how they are saved.
+"""What every tutorial step shares: the small-size switch, where figures go, how they are saved, and the detector
+that step 11 trains and later steps use.
 
 Each step does ``from tutorial_setup import OUT, SMALL, save``: Python finds this file next to the step, whether
 the step runs as a script (``python tutorials/03_backbone.py``) or as a notebook opened from ``tutorials/``.
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+
+from minidet.train import TrainConfig, load_trained_model, train
 
 IN_NOTEBOOK = "ipykernel" in sys.modules
 if not IN_NOTEBOOK:
@@ -41,3 +44,30 @@ def show_source(path, first, last=None):
     print(f"--- {path.parent.name}/{path.name}, lines {start + 1}-{end + 1}")
     for number in range(start, end + 1):
         print(f"{number + 1:4d} | {lines[number]}")
+
+
+def course_training():
+    """Step 11's training run: the defaults (Adam, warm-up, cosine schedule) on the built-in Shapes images. At full
+    size 512 images of 128 x 128 for 6 epochs, 192 steps; in the small run a tiny model, 8 steps on eight 64 x 64
+    images. The run folder is OUT/runs/11_training."""
+    out = str(OUT / "runs" / "11_training")
+    if SMALL:      # 32 pyramid channels: group norm splits them into 32 groups
+        return TrainConfig(fpn_channels=32, num_images=8, image_size=64, batch_size=4, epochs=4, warmup_iters=4,
+                           progress=False, out=out)
+    return TrainConfig(num_images=512, image_size=128, batch_size=16, epochs=6, warmup_iters=50, out=out)
+
+
+def trained_detector():
+    """The detector step 11 trains, loaded from its run folder; trained first (once) if that folder holds no run of
+    these settings yet, for instance when a later step is run before step 11."""
+    config = course_training()
+    path = Path(config.out) / "last.npz"
+    if path.exists():
+        model, saved = load_trained_model(path)
+        if all(getattr(saved, name) == getattr(config, name)
+               for name in ("num_images", "image_size", "batch_size", "epochs", "fpn_channels")):
+            return model
+    print(f"training step 11's detector first ({config.epochs} epochs of {config.num_images} images; later steps "
+          "reuse it)")
+    train(config)
+    return load_trained_model(path)[0]
