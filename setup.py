@@ -18,6 +18,8 @@ setup(
         "gpu": ["cupy-cuda12x[ctk]>=13"],
         "cuda13": ["cupy-cuda13x[ctk]>=13"],
         "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Data-parallel training under mpiexec: the Python bindings and an MPI library (MPICH) as wheels.
+        "mpi": ["mpi4py>=4", "mpich"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "jupytext>=1.16"],
         # The tutorials as notebooks: jupytext converts the steps, Jupyter Notebook opens them, nbclient runs
         # them in tests, ipywidgets draws tqdm's progress bars in a notebook.

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 import minidet as md
-from minidet import anchor_report, plots
+from minidet import anchor_report, distributed, plots
 from minidet.checkpoint import write_atomically
 from minidet.data import CocoDataset, Shapes, export_coco
 from minidet.data.coco import read_image
@@ -218,8 +218,9 @@ def train_command(args):
                               "again in the same folder, or choose another --out")
     dataset = dataset_from_args(args)
     run = train(config, dataset, resume=args.resume)
-    loss_curve = plots.plot_losses(run.metrics, os.path.join(args.out, "loss.png"))
-    print(f"trained {run.metrics[-1]['step']} steps; checkpoint {checkpoint}, loss curve {loss_curve}")
+    if distributed.launched_rank() == 0:          # under mpiexec, the first worker writes for all of them
+        loss_curve = plots.plot_losses(run.metrics, os.path.join(args.out, "loss.png"))
+        print(f"trained {run.metrics[-1]['step']} steps; checkpoint {checkpoint}, loss curve {loss_curve}")
 
 
 def evaluate_command(args):
@@ -606,6 +607,8 @@ def interrupted_message(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if distributed.launched_rank() != 0:          # under mpiexec -n N: one worker speaks, not N
+        sys.stdout = open(os.devnull, "w")
     try:
         args.run(args)
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ import warnings
 
 import numpy as np
 
-from minidet import anchor_report, backend, optim
+from minidet import anchor_report, backend, distributed, optim
 from minidet.checkpoint import load, save
 from minidet.data import Shapes, collate, horizontal_flip, normalize, resize
 from minidet.models.retinanet import BACKBONES, PRESETS, RetinaNet
@@ -68,6 +68,9 @@ class TrainConfig:
             trained from scratch learn faster.
         box_loss_weight: lambda, the weight of the box regression loss against the classification loss (1, the
             paper's), passed to ``RetinaNet``.
+        backbone_norm: ``"batch"`` (trainable batch norm in the backbone, the paper preset's, for a backbone that
+            learns from scratch), ``"frozen"`` (fixed statistics and scales, the torchvision preset's, for a
+            pretrained one), or None for the preset's.
     Data:
         min_size, max_size: every image (in training, evaluation and detection) is first resized, keeping its
             aspect ratio, so that its shorter side is ``min_size`` pixels, unless its longer side would then exceed
@@ -122,6 +125,7 @@ class TrainConfig:
     aspect_ratios: list[float] | None = None
     auto_anchors: bool = True
     box_loss_weight: float = 1.0
+    backbone_norm: str | None = None
     # data
     min_size: int | None = None
     max_size: int | None = 512
@@ -179,6 +183,7 @@ class TrainConfig:
         check(self.aspect_ratios is None or positive_numbers(self.aspect_ratios), "aspect_ratios",
               "None or a list of aspect ratios h / w > 0")
         check(isinstance(self.auto_anchors, bool), "auto_anchors", "True or False")
+        check(self.backbone_norm in (None, "batch", "frozen"), "backbone_norm", 'None, "batch" or "frozen"')
         check(number(self.box_loss_weight) and self.box_loss_weight >= 0, "box_loss_weight",
               "a number >= 0 (the article's lambda; 1 is the paper's)")
         check(self.min_size is None or whole(self.min_size, 8), "min_size", "None or a whole number of pixels >= 8")
@@ -294,12 +299,13 @@ def clip_grad_norm(parameters, max_norm):
 
 
 # --- anchors that fit the data -------------------------------------------------------------------------------------
-def fit_anchors_if_needed(config, dataset):
+def fit_anchors_if_needed(config, dataset, report=True):
     """``config``, or a copy with anchors fitted to ``dataset``'s boxes, as ``TrainConfig.auto_anchors`` says.
 
     The check is ``minidet.anchor_report``'s: each box's best IoU with any anchor, on the images as training
     resizes them. A box below 0.5 gets no positive anchor under the paper's matching, so the detector never learns
-    to find it. What was decided, and why, is printed, with the settings that repeat it.
+    to find it. What was decided, and why, is printed (unless ``report`` is False: the workers of a data-parallel
+    run but the first decide the same in silence), with the settings that repeat it.
     """
     if not config.auto_anchors or config.anchor_sizes is not None or config.aspect_ratios is not None:
         return config
@@ -309,16 +315,17 @@ def fit_anchors_if_needed(config, dataset):
     if before.share_unmatchable < AUTO_ANCHOR_SHARE:
         return config
     fit = anchor_report.fit_anchors(dataset, config.preset, **sizes)
+    say = print if report else (lambda text: None)
     lost = (f"anchors: {fit.before.share_unmatchable:.1%} of the boxes cannot reach IoU 0.5 with any of the "
             f"preset's anchors (sizes {min(min(s) for s in before.anchor_sizes):.0f}-"
             f"{max(max(s) for s in before.anchor_sizes):.0f} px), so they would never be learned")
     if fit.after.share_unmatchable > fit.before.share_unmatchable - AUTO_ANCHOR_GAIN:
-        print(f"{lost}; fitted anchors do not do clearly better ({fit.after.share_unmatchable:.1%}): keeping the "
-              "preset's. Resizing the images (min_size) may help; minidet inspect-anchors shows the boxes")
+        say(f"{lost}; fitted anchors do not do clearly better ({fit.after.share_unmatchable:.1%}): keeping the "
+            "preset's. Resizing the images (min_size) may help; minidet inspect-anchors shows the boxes")
         return config
-    print(f"{lost}. Training with anchors fitted to the boxes instead, which leave {fit.after.share_unmatchable:.1%}: "
-          f"anchor_sizes {fit.anchor_sizes}, aspect_ratios {[round(r, 4) for r in fit.aspect_ratios]} "
-          "(auto_anchors=False, or --no-auto-anchors, keeps the preset's)")
+    say(f"{lost}. Training with anchors fitted to the boxes instead, which leave {fit.after.share_unmatchable:.1%}: "
+        f"anchor_sizes {fit.anchor_sizes}, aspect_ratios {[round(r, 4) for r in fit.aspect_ratios]} "
+        "(auto_anchors=False, or --no-auto-anchors, keeps the preset's)")
     return dataclasses.replace(config, anchor_sizes=fit.anchor_sizes, aspect_ratios=fit.aspect_ratios)
 
 
@@ -329,7 +336,7 @@ def build_model(config):
     model = RetinaNet(config.num_classes, backbone=config.backbone, preset=config.preset,
                       fpn_channels=config.fpn_channels, head_norm=config.head_norm,
                       anchor_sizes=config.anchor_sizes, aspect_ratios=config.aspect_ratios,
-                      box_loss_weight=config.box_loss_weight)
+                      box_loss_weight=config.box_loss_weight, backbone_norm=config.backbone_norm)
     return model.to(config.device)
 
 
@@ -356,23 +363,37 @@ def build_schedule(config, optimizer, total_steps):
     raise ValueError(f"TrainConfig.schedule: unknown schedule {config.schedule!r}; use 'step' or 'cosine'")
 
 
-def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None, multiscale_sizes=None):
+def draw_augmentations(rng, count, multiscale_sizes=None):
+    """The random choices of ``count`` training images, in order: (the shorter side to resize to, or None for
+    ``min_size``; a uniform number in [0, 1), the image is flipped when it is under ``flip_prob``). Per image, one
+    draw for the size (only with ``multiscale_sizes``), then one for the flip, whatever ``flip_prob`` is, so the
+    random stream does not depend on it. Drawn for a whole global batch at once, so that each worker of a
+    data-parallel run uses the same choices for its images as one process would."""
+    draws = []
+    for _ in range(count):
+        shorter = multiscale_sizes[rng.integers(len(multiscale_sizes))] if multiscale_sizes else None
+        draws.append((shorter, rng.random()))
+    return draws
+
+
+def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None, multiscale_sizes=None, draws=None):
     """Turn a list of ``(image, target)`` pairs into the model's input.
 
     Each image is resized by ``min_size`` and ``max_size`` (``minidet.data.transforms.resize``; None and None keep
     it as it is), or, with ``multiscale_sizes``, by one of those drawn from ``rng`` in place of ``min_size``;
-    flipped left-right with probability ``flip_prob`` (one draw from ``rng`` per image, whatever ``flip_prob`` is,
-    so the random stream does not depend on it); normalised with the ImageNet mean and standard
-    deviation, and the batch is padded to multiples of 32 by ``collate``.
+    flipped left-right with probability ``flip_prob``; normalised with the ImageNet mean and standard deviation,
+    and the batch is padded to multiples of 32 by ``collate``. The random choices are ``draws`` (from
+    ``draw_augmentations``), or drawn from ``rng`` now.
 
     Returns:
         images: (N, 3, H, W) float32 on ``device``; targets: N dicts {"boxes": (G_i, 4), "labels": (G_i,)}.
     """
+    if draws is None:
+        draws = draw_augmentations(rng, len(items), multiscale_sizes)
     prepared = []
-    for image, target in items:
-        shorter = min_size if not multiscale_sizes else multiscale_sizes[rng.integers(len(multiscale_sizes))]
-        image, boxes, _ = resize(image, target["boxes"], shorter, max_size)
-        if rng.random() < flip_prob:
+    for (image, target), (shorter, flip) in zip(items, draws):
+        image, boxes, _ = resize(image, target["boxes"], shorter or min_size, max_size)
+        if flip < flip_prob:
             image, boxes = horizontal_flip(image, boxes)
         prepared.append((normalize(image), {"boxes": boxes, "labels": target["labels"]}))
     images, targets, _ = collate(prepared)
@@ -381,7 +402,7 @@ def training_batch(items, rng, flip_prob, device, min_size=None, max_size=None, 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------------
 def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch_in_epoch, order,
-                     loss_yardstick=None):
+                     loss_yardstick=None, workers=1):
     """Everything the next step depends on, as the flat dict of arrays ``minidet.save`` writes.
 
     Keys: ``model.*`` (weights and batch norm statistics), ``optimizer.*`` (momentum buffers and settings),
@@ -390,7 +411,8 @@ def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch
     order; empty at the end of an epoch, the next order is drawn when the next epoch starts), ``rng_state`` and
     ``config`` (JSON text in 0-d string arrays: a checkpoint holds arrays only, and loading never unpickles),
     ``loss_yardstick`` (the first step's loss, at least ``MIN_LOSS_YARDSTICK``, which the divergence guard
-    compares with; NaN before any step).
+    compares with; NaN before any step), ``workers`` (how many processes trained together: a data-parallel run
+    resumes with as many).
     """
     state = {"model." + name: value for name, value in model.state_dict().items()}
     state.update(("optimizer." + name, value) for name, value in optimizer.state_dict().items())
@@ -400,7 +422,8 @@ def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch
                  # the bit generator's state holds 128-bit integers, which JSON writes exactly
                  rng_state=np.array(json.dumps(rng.bit_generator.state)),
                  config=np.array(config.to_json()),
-                 loss_yardstick=np.float64(math.nan if loss_yardstick is None else loss_yardstick))
+                 loss_yardstick=np.float64(math.nan if loss_yardstick is None else loss_yardstick),
+                 workers=np.int64(workers))
     return state
 
 
@@ -481,6 +504,40 @@ def _remove_unfinished_writes(folder):
 
 
 # --- the loop -------------------------------------------------------------------------------------------------------
+def _worker_losses(model, dataset, indices, draws, config, world):
+    """Forward and backward of this worker's share of a step (``indices``, with their random ``draws``), the
+    gradients summed over the workers: the gradient of the whole global batch's loss on every worker.
+
+    Returns the global batch's losses and anchor counts as Python numbers (the same on every worker). A worker
+    without images in the step (the last batch of an epoch can be short) adds zeros.
+    """
+    items = [dataset[int(i)] for i in indices]
+    for index, (image, _) in zip(indices, items):
+        if not np.isfinite(image).all():
+            raise ValueError(f"train: image {index} of the dataset has NaN or infinite pixels; fix or remove it")
+    names = ("loss", "classification", "box_regression", "num_positive", "num_ignored", "num_negative")
+    if items:
+        images, targets = training_batch(items, None, config.flip_prob, config.device, config.min_size,
+                                         config.max_size, draws=draws)
+        losses = model(images, targets)
+        share = distributed.loss_share(world, model.loss_normalization, len(items), losses["num_positive"])
+        (losses["loss"] * share if world.size > 1 else losses["loss"]).backward()
+        local = [losses[name].item() * share if name in names[:3] else losses[name] for name in names]
+    else:
+        distributed.loss_share(world, model.loss_normalization, 0, 0)         # every worker takes part
+        local = [0.0] * len(names)
+    if world.size > 1:
+        parameters = model.parameters()
+        xp = backend.get_array_module(parameters[0].data)
+        for p in parameters:
+            if p.grad is None:
+                p.grad = xp.zeros_like(p.data)
+        world.sum_arrays([p.grad for p in parameters])
+        world.average_buffers(model)
+    totals = world.sum_numbers(*local)
+    return {name: int(value) if name.startswith("num_") else value for name, value in zip(names, totals)}
+
+
 def train(config=None, dataset=None, resume=False):
     """Train a RetinaNet as ``config`` says, on ``dataset`` (default: the built-in ``Shapes`` of the config).
 
@@ -515,13 +572,16 @@ def train(config=None, dataset=None, resume=False):
         config = dataclasses.replace(config, num_classes=len(config.classes))
     if len(dataset) == 0:
         raise ValueError("train: the dataset is empty")
-    config = fit_anchors_if_needed(config, dataset)
+    world = distributed.world(config.device)
+    config = fit_anchors_if_needed(config, dataset, report=world.is_root)
     os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, "last.npz")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
-    _remove_unfinished_writes(config.out)
+    if world.is_root:
+        _remove_unfinished_writes(config.out)
 
-    steps_per_epoch = math.ceil(len(dataset) / config.batch_size)
+    global_batch = config.batch_size * world.size          # each worker takes batch_size images of each step's
+    steps_per_epoch = math.ceil(len(dataset) / global_batch)
     total_steps = config.epochs * steps_per_epoch
     model = build_model(config)
     optimizer = build_optimizer(config, model)
@@ -535,6 +595,11 @@ def train(config=None, dataset=None, resume=False):
                                     f"{config.out} has finished); start without resume")
         state = load(checkpoint_path)
         _check_resumable(config, TrainConfig.from_json(str(state["config"])))
+        workers = int(state.get("workers", 1))                       # checkpoints before data-parallel runs lack it
+        if workers != world.size:
+            raise ValueError(f"train: cannot resume exactly: the run in {config.out} trained on {workers} "
+                             f"worker(s), now there are {world.size}, which changes every global batch; resume "
+                             f"with mpiexec -n {workers} (or without mpiexec for 1), or start a new run")
         model.load_state_dict(_part(state, "model."))
         optimizer.load_state_dict(_part(state, "optimizer."))
         schedule.load_state_dict(_part(state, "scheduler."))
@@ -545,9 +610,10 @@ def train(config=None, dataset=None, resume=False):
         loss_yardstick = saved if math.isfinite(saved) else None
         # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
         rows = _read_metrics(metrics_path, up_to_step=step)
-        with open(metrics_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    else:
+        if world.is_root:
+            with open(metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+    elif world.is_root:
         # A fresh run in a folder replaces the run there: its log and its checkpoint go now, so that a later resume
         # can never continue the old checkpoint with the new log.
         for old in (metrics_path, checkpoint_path):
@@ -564,14 +630,16 @@ def train(config=None, dataset=None, resume=False):
                 raise TrainingDiverged(_divergence_message(f"largest weight of {name} after the update", largest,
                                                            step, epoch_of_step, optimizer.param_groups[0]["lr"],
                                                            checkpoint_path))
-        save(checkpoint_state(config, model, optimizer, schedule, rng, step, next_epoch, next_batch, order,
-                              loss_yardstick), checkpoint_path)
+        if world.is_root:
+            save(checkpoint_state(config, model, optimizer, schedule, rng, step, next_epoch, next_batch, order,
+                                  loss_yardstick, workers=world.size), checkpoint_path)
 
     model.train()
     parameters = model.parameters()
-    bar = progress_bar(config.progress, total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+    bar = progress_bar(config.progress and world.is_root, total=total_steps, initial=step, unit="step",
+                       dynamic_ncols=True)
     try:
-        with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        with open(metrics_path if world.is_root else os.devnull, "a", encoding="utf-8") as metrics_file:
             for epoch in range(start_epoch, config.epochs):
                 if order is None:
                     order = rng.permutation(len(dataset))
@@ -579,19 +647,12 @@ def train(config=None, dataset=None, resume=False):
                 for batch_index in range(start_batch, steps_per_epoch):
                     started = time.perf_counter()
                     lr = optimizer.param_groups[0]["lr"]
-                    indices = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
-                    items = [dataset[int(i)] for i in indices]
-                    for index, (image, _) in zip(indices, items):
-                        if not np.isfinite(image).all():
-                            raise ValueError(f"train: image {index} of the dataset has NaN or infinite pixels; "
-                                             "fix or remove it")
-                    images, targets = training_batch(items, rng, config.flip_prob,
-                                                     config.device, config.min_size, config.max_size,
-                                                     config.multiscale_sizes)
-
-                    losses = model(images, targets)
-                    loss = losses["loss"]
-                    loss_value = loss.item()
+                    batch = order[batch_index * global_batch:(batch_index + 1) * global_batch]
+                    draws = draw_augmentations(rng, len(batch), config.multiscale_sizes)   # the whole batch's
+                    mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
+                    optimizer.zero_grad()
+                    losses = _worker_losses(model, dataset, batch[mine], draws[mine], config, world)
+                    loss_value = losses["loss"]
                     if not math.isfinite(loss_value):
                         raise TrainingDiverged(_divergence_message("loss", loss_value, step + 1, epoch, lr,
                                                                    checkpoint_path))
@@ -601,8 +662,6 @@ def train(config=None, dataset=None, resume=False):
                         raise TrainingDiverged(_divergence_message(
                             "loss", f"{loss_value:.4g}, over {EXPLOSION_FACTOR} times where it started "
                             f"({loss_yardstick:.4g})", step + 1, epoch, lr, checkpoint_path))
-                    optimizer.zero_grad()
-                    loss.backward()
                     if config.clip_grad_norm is not None:
                         norm = clip_grad_norm(parameters, config.clip_grad_norm)
                     else:
@@ -615,8 +674,7 @@ def train(config=None, dataset=None, resume=False):
                     step += 1
 
                     row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_value,
-                           "classification": losses["classification"].item(),
-                           "box_regression": losses["box_regression"].item(),
+                           "classification": losses["classification"], "box_regression": losses["box_regression"],
                            "num_positive": losses["num_positive"], "num_ignored": losses["num_ignored"],
                            "num_negative": losses["num_negative"], "grad_norm": norm,
                            "seconds": time.perf_counter() - started}
@@ -632,6 +690,10 @@ def train(config=None, dataset=None, resume=False):
                         save_checkpoint(epoch, batch_index + 1)
                 order, start_batch = None, 0
                 save_checkpoint(epoch + 1, 0)
+    except BaseException as error:
+        if world.size > 1:
+            world.abort(error)
+        raise
     finally:
         bar.close()
     return TrainResult(model, config.out, _read_metrics(metrics_path), config)

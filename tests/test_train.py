@@ -339,7 +339,7 @@ BAD_SETTINGS = [
     ("max_size", 512.0), ("anchor_sizes", [32, 64]), ("anchor_sizes", [64, 32, 128, 256, 512]),
     ("anchor_sizes", [0, 1, 2, 3, 4]), ("aspect_ratios", []), ("aspect_ratios", [0, 1]), ("auto_anchors", "yes"),
     ("multiscale_sizes", []), ("multiscale_sizes", [96, 4]), ("multiscale_sizes", [96.5]),
-    ("box_loss_weight", -1.0), ("box_loss_weight", float("nan")),
+    ("box_loss_weight", -1.0), ("box_loss_weight", float("nan")), ("backbone_norm", "group"),
 ]
 
 
