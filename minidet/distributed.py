@@ -81,6 +81,10 @@ class World:
             self.comm.Allreduce(MPI.IN_PLACE, values, op=MPI.SUM)
         return [float(v) for v in values]
 
+    def broadcast(self, value):
+        """The first worker's ``value`` (any picklable object), on every worker."""
+        return value if self.size == 1 else self.comm.bcast(value, root=0)
+
     def average_buffers(self, model):
         """Make each floating-point buffer of ``model`` (batch norm's running statistics) the workers' mean."""
         buffers = [b for _, b in model.named_buffers() if b.dtype.kind == "f"]

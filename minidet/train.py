@@ -609,8 +609,8 @@ def train(config=None, dataset=None, resume=False):
         saved = float(state.get("loss_yardstick", math.nan))          # checkpoints before the guard lack it
         loss_yardstick = saved if math.isfinite(saved) else None
         # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
-        rows = _read_metrics(metrics_path, up_to_step=step)
         if world.is_root:
+            rows = _read_metrics(metrics_path, up_to_step=step)
             with open(metrics_path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)
     elif world.is_root:
@@ -696,7 +696,8 @@ def train(config=None, dataset=None, resume=False):
         raise
     finally:
         bar.close()
-    return TrainResult(model, config.out, _read_metrics(metrics_path), config)
+    metrics = world.broadcast(_read_metrics(metrics_path) if world.is_root else None)    # the first worker's log
+    return TrainResult(model, config.out, metrics, config)
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "fit_anchors_if_needed", "build_model",

@@ -116,3 +116,15 @@ def test_mpiexec_minidet_train_trains_once_and_only_the_first_worker_writes_and_
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("trained 2 steps") == 1          # 8 images, 2 workers of 2: 2 steps of 4
     assert (tmp_path / "run" / "last.npz").exists() and (tmp_path / "run" / "loss.png").exists()
+
+
+@needs_mpi
+def test_the_data_parallel_benchmark_runs_on_two_workers():
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), OPENBLAS_NUM_THREADS="1")
+    result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, str(HERE.parent / "benchmarks" /
+                                                                     "bench_data_parallel.py"), "--quick"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("2 worker(s), global batch 16 (8 per worker)") and len(lines) == 3
+    assert "all-reduce of the gradients: 3.53 MB" in lines[1] and lines[-1].startswith("median step: ")
