@@ -439,6 +439,8 @@ def add_train_flags(parser):
                                           "resnet_small, vgg_small, efficientnet_small"),
         ("--fpn-channels", int, "channels of the pyramid levels and of the subnets"),
         ("--box-loss-weight", float, "lambda, the weight of the box loss in L = L_cls + lambda * L_loc"),
+        ("--backbone-norm", ["batch", "frozen"], "the backbone's batch norm: trained, or frozen (default: the "
+                                                 "preset's; frozen keeps data-parallel workers equal to one process)"),
         ("--head-norm", ["group", "none"], "normalisation in the subnets' towers"),
         ("--preset", ["paper", "torchvision"], "the paper's settings or torchvision's (minidet.models.PRESETS)"),
         ("--image-size", int, "without --data: the side of the shapes images, in pixels"),

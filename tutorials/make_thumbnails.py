@@ -20,7 +20,7 @@ WIDTH = 320
 PER_STEP = ["01_finite_differences.png", "02_im2col.png", "03_feature_maps.png", "04_feature_pyramid.png",
             "05_subnets.png", "06_anchors.png", "07_matching.png", "08_box_coding.png", "09_focal_loss.png",
             "10_architecture.png", "11_loss_curve.png", "12_nms.png", "13_thread_layout.png",
-            "14_matching.png", "15_cpu_harness.png"]
+            "14_matching.png", "15_cpu_harness.png", "16_all_reduce.png"]
 
 THUMBNAILS.mkdir(parents=True, exist_ok=True)
 for name in PER_STEP:
