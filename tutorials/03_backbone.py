@@ -145,10 +145,10 @@ save(fig, "03_feature_maps.png")
 #
 # Random weights respond to edges and colours everywhere alike. The same drawing for the backbone of the detector
 # that step 11 trains on the Shapes images (`trained_detector`, in `tutorial_setup.py`: loaded from step 11's run
-# folder, or trained there first, once, if you have not run step 11 yet), on a Shapes image it never saw: its most
-# varied channels now single out the objects against the cluttered background, and the coarser levels respond to
-# whole objects rather than to their edges. (In the small run the detector has trained for only 8 steps, and
-# looks much like the random one.)
+# folder, or trained there first, once, if you have not run step 11 yet), on a Shapes image it never saw. C3's
+# most varied channels now trace the objects' edges (the disc's outline, the squares' sides) and ignore most of the
+# cluttered background; C4's and C5's light up on parts of the objects, at their coarser grids. (In the small run
+# the detector has trained for only 8 steps, and looks much like the random one.)
 
 # %%
 detector = trained_detector().eval()

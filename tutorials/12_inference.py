@@ -305,8 +305,10 @@ if HAVE_PYCOCOTOOLS:
 # ## mAP of the model, by hand and by pycocotools
 #
 # The same functions over every class and the 10 thresholds, on the detector's detections of the held-out
-# images. `predict_dataset` prepares each image as training does (normalised, padded to a multiple of 32) and
-# returns one dict per image; `coco_evaluate` scores them (`evaluate` does both).
+# images. At full size, with step 11's 960 steps of training, they gave AP 0.741 and AP50 0.965 on these 100
+# images: the detector finds the shapes in images it never saw. `predict_dataset` prepares each image as training
+# does (normalised, padded to a multiple of 32) and returns one dict per image; `coco_evaluate` scores them
+# (`evaluate` does both).
 
 # %%
 THRESHOLDS = np.linspace(0.5, 0.95, 10)

@@ -117,8 +117,8 @@ print(f"4 workers, 1000 values each: every worker holds the sum, and sent {sent}
 # %% [markdown]
 # So an all-reduce of B bytes takes about 2 (N - 1) / N x B / bandwidth. For the demo's model (about 0.9 M
 # weights, 3.5 MB of float32 gradients) over a 10 Gbit/s network (1.25 GB/s), 8 workers: 2 x 7/8 x 3.5 MB / 1.25
-# GB/s, about 5 ms per step, small next to a CPU step of a few hundred ms; for ResNet-50-FPN's 34 M weights
-# (136 MB) the same network needs about 190 ms, which is why GPUs in one machine talk over NVLink instead.
+# GB/s, about 5 ms per step, small next to a CPU step of a few hundred ms; for a ResNet-50-FPN RetinaNet's 38 M
+# weights (152 MB) the same network needs about 210 ms, which is why GPUs in one machine talk over NVLink instead.
 
 # %%
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
