@@ -52,7 +52,7 @@ class World:
 
     def sum_arrays(self, arrays):
         """Replace each array, in place, by its sum over the workers: one all-reduce of them all, flattened."""
-        if self.size == 1 or not arrays:
+        if self.comm is None or not arrays:           # one process alone: nothing to add
             return
         xp = backend.get_array_module(arrays[0])
         flat = xp.concatenate([a.reshape(-1) for a in arrays])

@@ -128,3 +128,33 @@ def test_the_data_parallel_benchmark_runs_on_two_workers():
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("2 worker(s), global batch 16 (8 per worker)") and len(lines) == 3
     assert "all-reduce of the gradients: 3.53 MB" in lines[1] and lines[-1].startswith("median step: ")
+
+
+class OneProcess:
+    """An MPI communicator of one process, as far as World asks: its rank and size."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+
+@pytest.mark.gpu
+def test_the_nccl_all_reduce_runs_on_a_gpu():
+    # One GPU: a communicator of one rank (NCCL refuses two ranks on one GPU), which checks the call itself, its
+    # buffer, dtype and stream, and that the result lands back in the arrays. Two GPUs are needed for a real sum.
+    from minidet import backend
+
+    if os.environ.get("MINIDET_TEST_CUPY") == "cpu-harness" or not backend.cuda_available():
+        pytest.skip("needs CuPy with a real CUDA GPU (NCCL)")
+    nccl = pytest.importorskip("cupy.cuda.nccl", reason="CuPy without NCCL")
+    if not getattr(nccl, "available", True):
+        pytest.skip("CuPy finds no NCCL library (pip install nvidia-nccl-cu12 or -cu13)")
+    cp = backend.cupy
+    world = distributed.World(OneProcess(), nccl.NcclCommunicator(1, nccl.get_unique_id(), 0))
+    arrays = [cp.arange(6, dtype=cp.float32).reshape(2, 3), cp.full(4, 0.5, dtype=cp.float32)]
+    expected = [cp.asnumpy(a).copy() for a in arrays]
+    world.sum_arrays(arrays)
+    for got, want in zip(arrays, expected):
+        np.testing.assert_array_equal(cp.asnumpy(got), want)
