@@ -702,4 +702,5 @@ def train(config=None, dataset=None, resume=False):
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "fit_anchors_if_needed", "build_model",
            "build_schedule",
-           "training_batch", "grad_norm", "clip_grad_norm", "checkpoint_state", "load_trained_model"]
+           "training_batch", "draw_augmentations", "grad_norm", "clip_grad_norm", "checkpoint_state",
+           "load_trained_model"]
