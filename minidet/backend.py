@@ -89,3 +89,35 @@ def index_add(target, index, values):
         cupyx.scatter_add(target, index, values)
     else:
         np.add.at(target, index, values)
+
+
+# --- several GPUs: for data-parallel training (minidet/distributed.py) ------------------------------------------------
+def use_gpu(index):
+    """Make GPU ``index`` (modulo the GPUs this machine has) the one CuPy allocates on and runs on; returns it."""
+    index %= cupy.cuda.runtime.getDeviceCount()
+    cupy.cuda.Device(index).use()
+    return index
+
+
+def nccl_unique_id():
+    """A new NCCL id, to be handed to every worker (by MPI) before they make their communicator."""
+    from cupy.cuda import nccl
+
+    return nccl.get_unique_id()
+
+
+def nccl_communicator(size, unique_id, rank):
+    """This worker's end of an NCCL communicator of ``size`` workers, one GPU each."""
+    from cupy.cuda import nccl
+
+    return nccl.NcclCommunicator(size, unique_id, rank)
+
+
+def nccl_sum(communicator, array):
+    """Replace the contiguous CuPy ``array`` (float32 or float64) by its sum over the communicator's workers."""
+    from cupy.cuda import nccl
+
+    kind = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[array.dtype]
+    stream = cupy.cuda.get_current_stream()
+    communicator.allReduce(array.data.ptr, array.data.ptr, array.size, kind, nccl.NCCL_SUM, stream.ptr)
+    stream.synchronize()

@@ -57,12 +57,7 @@ class World:
         xp = backend.get_array_module(arrays[0])
         flat = xp.concatenate([a.reshape(-1) for a in arrays])
         if self.nccl is not None:
-            from cupy.cuda import nccl
-
-            kind = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}[flat.dtype]
-            stream = xp.cuda.get_current_stream()
-            self.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kind, nccl.NCCL_SUM, stream.ptr)
-            stream.synchronize()
+            backend.nccl_sum(self.nccl, flat)
         else:
             from mpi4py import MPI
 
@@ -134,13 +129,9 @@ def world(device="cpu"):
     comm = MPI.COMM_WORLD
     if device != "cuda":
         return World(comm)
-    import cupy
-    from cupy.cuda import nccl
-
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()          # this process's rank on its machine
-    cupy.cuda.Device(local_rank % cupy.cuda.runtime.getDeviceCount()).use()
-    unique_id = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
-    return World(comm, nccl.NcclCommunicator(comm.Get_size(), unique_id, comm.Get_rank()))
+    backend.use_gpu(comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank())      # this process's rank on its machine
+    unique_id = comm.bcast(backend.nccl_unique_id() if comm.Get_rank() == 0 else None, root=0)
+    return World(comm, backend.nccl_communicator(comm.Get_size(), unique_id, comm.Get_rank()))
 
 
 def loss_share(world, normalization, num_images, num_positive):

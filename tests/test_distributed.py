@@ -152,7 +152,7 @@ def test_the_nccl_all_reduce_runs_on_a_gpu():
     if not getattr(nccl, "available", True):
         pytest.skip("CuPy finds no NCCL library (pip install nvidia-nccl-cu12 or -cu13)")
     cp = backend.cupy
-    world = distributed.World(OneProcess(), nccl.NcclCommunicator(1, nccl.get_unique_id(), 0))
+    world = distributed.World(OneProcess(), backend.nccl_communicator(1, backend.nccl_unique_id(), 0))
     arrays = [cp.arange(6, dtype=cp.float32).reshape(2, 3), cp.full(4, 0.5, dtype=cp.float32)]
     expected = [cp.asnumpy(a).copy() for a in arrays]
     world.sum_arrays(arrays)
