@@ -504,7 +504,9 @@ def padded_batch(images, dtype, garbage_seed=0):
 
 
 def matching_cases(dtype):
-    """(name, anchors, [boxes of each image]) for the gpu.md edge cases."""
+    """(name, anchors, [boxes of each image]): matching's edge cases: one anchor, no boxes, the EDGE_BOXES (zero
+    area, tiny, far away, IoUs exactly 0.4 and 0.5), tied best anchors, anchor counts around the block size, and
+    more boxes than a shared-memory tile holds."""
     rng = np.random.default_rng(6)
     edge = np.array(EDGE_BOXES, dtype)
     cases = [
