@@ -350,6 +350,9 @@ def max_pool2d(input, kernel_size, stride=None, padding=0):
 
 
 class UpsampleNearest(Function):
+    """Nearest-neighbour upsampling by whole factors (SH, SW): each input pixel becomes an SH x SW block of copies
+    (``F.interpolate``'s op; the pyramid's top-down path doubles each level with it)."""
+
     def __init__(self, scale):
         self.scale = scale
 

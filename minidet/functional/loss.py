@@ -44,6 +44,9 @@ def binary_cross_entropy_with_logits(input, target, weight=None, reduction="mean
 
 
 class SmoothL1(Function):
+    """The smooth L1 loss of each element (``smooth_l1_loss`` reduces it): 0.5 d^2 / beta below beta, |d| - 0.5 beta
+    above, d = input - target; its slope d / beta, or the sign of d, goes to the input and, negated, the target."""
+
     def __init__(self, beta):
         self.beta = beta
 
