@@ -34,3 +34,13 @@ def test_the_pytorch_comparison_prints_what_the_readme_says(capsys):
     exec(compile(code, "README.md", "exec"), {})
     expected = readme[readme.index("Both print `") + len("Both print `"):].split("`")[0]
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_the_pytorch_half_of_the_comparison_prints_the_same(capsys, torchvision):
+    readme = (ROOT / "README.md").read_text()
+    _, end = _block_after(readme, "## minidet beside PyTorch", "```python\n")
+    code, _ = _block_after(readme[end + 3:], "<td>", "```python\n")         # the second column
+    assert "import torch\n" in code
+    exec(compile(code, "README.md", "exec"), {})                              # torchvision: imported by the fixture
+    expected = readme[readme.index("Both print `") + len("Both print `"):].split("`")[0]
+    assert capsys.readouterr().out == expected + "\n"
