@@ -126,8 +126,9 @@ def test_encode_boxes_on_a_hand_computed_case(xp):
     np.testing.assert_allclose(to_numpy(deltas), [DELTAS], rtol=1e-15)
 
 
-def test_weights_scale_each_delta_and_decode_divides_them_back_out(xp):
-    weights = (10.0, 10.0, 5.0, 5.0)   # Faster R-CNN's second-stage weights
+@pytest.mark.parametrize("weights", [(10.0, 10.0, 5.0, 5.0),     # Faster R-CNN's second-stage weights
+                                     (10.0, 5.0, 2.0, 1.0)])     # all different: wx and wy swapped would show
+def test_weights_scale_each_delta_and_decode_divides_them_back_out(xp, weights):
     deltas = encode_boxes(boxes_on(xp, BOX, np.float64), boxes_on(xp, ANCHOR, np.float64), weights)
     np.testing.assert_allclose(to_numpy(deltas), [np.multiply(DELTAS, weights)], rtol=1e-15)
     decoded = decode_boxes(deltas, boxes_on(xp, ANCHOR, np.float64), weights)

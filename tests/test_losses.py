@@ -42,6 +42,19 @@ def test_focal_loss_at_the_prior_matches_the_design_figures():
     assert loss[0] == pytest.approx(7.5e-7, rel=0.01) and loss[1] == pytest.approx(1.13, rel=0.01)
 
 
+def test_alpha_weights_positives_by_alpha_and_negatives_by_one_minus_alpha_even_at_the_ends():
+    logits = md.tensor(np.array([0.5, -1.0, 2.0, 0.0]), requires_grad=True)
+    targets = np.array([1.0, 1.0, 0.0, 0.0])
+    unweighted = F.sigmoid_focal_loss(logits, targets, alpha=-1, gamma=2.0).numpy()       # alpha off
+    for alpha in (0.0, 0.25, 1.0):
+        weighted = F.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=2.0)
+        expected = np.where(targets == 1, alpha, 1 - alpha) * unweighted
+        np.testing.assert_allclose(weighted.numpy(), expected, rtol=1e-12, atol=0)
+    # alpha = 0: the positives cost nothing and get no gradient; only the negatives are learned from.
+    F.sigmoid_focal_loss(logits, targets, alpha=0.0, gamma=2.0, reduction="sum").backward()
+    assert (logits.grad[:2] == 0).all() and (logits.grad[2:] != 0).all()
+
+
 def test_focal_loss_down_weights_easy_examples_more_than_cross_entropy():
     logits = md.tensor(np.array([-3.0, 0.0]))            # negatives: an easy one (p = 0.047) and an unsure one
     focal = F.sigmoid_focal_loss(logits, np.zeros(2), alpha=-1, gamma=2.0).numpy()
