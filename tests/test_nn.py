@@ -227,6 +227,19 @@ def test_max_pool_layer_halves_the_stem_output_as_in_a_resnet():
     np.testing.assert_array_equal(y, x[:, :, 1::2, 1::2])     # values increase along rows and columns
     assert pool.parameters() == [] and "kernel_size=3, stride=2, padding=1" in repr(pool)
 
+
+def test_max_pool_pads_with_minus_infinity_and_gives_a_tie_to_its_first_tap():
+    # Negative values with padding 1: a zero padding would win every border window; -inf never does.
+    x = -np.arange(1, 10, dtype=np.float64).reshape(1, 1, 3, 3)                  # -1 ... -9
+    y = F.max_pool2d(md.tensor(x), 3, stride=1, padding=1).numpy()[0, 0]
+    np.testing.assert_array_equal(y, [[-1, -1, -2], [-1, -1, -2], [-4, -4, -5]])
+    # Overlapping windows (3 x 3, stride 1) full of ties: each window's gradient goes to its first tap in row-major
+    # order (as torch), so pixel (0, 0), the first tap of the windows that contain it, collects several.
+    t = md.tensor(np.zeros((1, 1, 3, 3)), requires_grad=True)
+    F.max_pool2d(t, 3, stride=1, padding=1).sum().backward()
+    np.testing.assert_array_equal(t.grad[0, 0], [[4, 2, 0], [2, 1, 0], [0, 0, 0]])
+
+
 def test_max_pool_keeps_a_nan_and_sends_its_window_gradient_to_the_first_tap():
     x = np.array([[[[1, 2, 3, 4], [5, np.nan, 7, 8]]]], dtype=np.float64)    # windows (2 x 2): [1 2 5 nan], [3 4 7 8]
     t = md.tensor(x, requires_grad=True)
