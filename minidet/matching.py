@@ -18,10 +18,11 @@ A * G; in the kernel each thread keeps one anchor's best box as it loops over th
 from minidet import cuda
 from minidet.backend import check_same_device, get_array_module, is_cupy_array
 from minidet.boxes import box_iou
+from minidet.functional.loss import BACKGROUND, IGNORED
 
-# Codes in ``matches`` for anchors without a box; the same values as torchvision's Matcher.
-BACKGROUND = -1   # best IoU < low: a negative example
-IGNORED = -2      # low <= best IoU < high: no loss
+# The codes in ``matches`` of anchors without a box, the same values as torchvision's Matcher: BACKGROUND (-1) when
+# the best IoU < low, a negative example; IGNORED (-2) when low <= best IoU < high, no loss. They are the focal
+# loss's label codes (defined there), so the matches serve as its labels as they are.
 
 # Anchors per chunk. A chunk's IoU arithmetic needs about 45 bytes per (anchor, box) pair in float32 at its peak
 # (see match_anchors), so 4096 anchors against 100 boxes use about 18 MB; 120,000 anchors make 30 chunks. Chunks

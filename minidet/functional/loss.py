@@ -155,8 +155,8 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     return _reduce(SigmoidFocalLoss(python_number(alpha), python_number(gamma))(inputs, targets), reduction)
 
 
-# Per-anchor label codes of ``sigmoid_focal_loss_with_labels``: the same values as in minidet.matching (and in
-# kernels/common.cuh), so the matches of ``match_anchors`` can be used as labels where they are negative.
+# Per-anchor label codes of ``sigmoid_focal_loss_with_labels``, which minidet.matching's ``match_anchors`` also
+# writes for anchors without a box (the values are also in kernels/common.cuh).
 BACKGROUND = -1   # every class's target is 0
 IGNORED = -2      # the anchor adds nothing: no loss, no gradient
 
