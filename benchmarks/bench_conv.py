@@ -34,6 +34,8 @@ import statistics
 import sys
 import time
 
+from threads import set_blas_threads, thread_report  # benchmarks/threads.py
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,8 +57,7 @@ THREADS = ARGS.threads or int(os.environ.get("OPENBLAS_NUM_THREADS") or len(os.s
 # NumPy's matrix products run in OpenBLAS, which reads its thread count from these environment variables
 # once, when NumPy is first imported. So they are set here, before the imports below; setting them later has
 # no effect. (PyTorch is told directly, with torch.set_num_threads.)
-for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_variable] = str(THREADS)
+set_blas_threads(THREADS)
 
 import numpy as np  # noqa: E402  (imported after the thread settings on purpose)
 
@@ -172,19 +173,6 @@ def describe(x_shape, out_channels, kernel, stride, groups):
     return f"x {n}x{c}x{h}x{w}, w {out_channels}x{c // groups}x{kernel}x{kernel}, s{stride}"
 
 
-def thread_report():
-    try:  # if threadpoolctl is installed, ask OpenBLAS itself how many threads it uses
-        from threadpoolctl import threadpool_info
-        counts = {f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info() if p["user_api"] == "blas"}
-        blas = f"NumPy BLAS threads (threadpoolctl): {', '.join(sorted(counts))}"
-    except ImportError:
-        blas = f"NumPy BLAS threads: {THREADS} (OPENBLAS_NUM_THREADS, set before NumPy was imported)"
-    if os.environ.get("OPENBLAS_CORETYPE"):  # e.g. Haswell: AVX2 kernels even on a CPU with AVX-512
-        blas += f", OpenBLAS kernels chosen by OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
-    torch_part = f"torch threads: {torch.get_num_threads()}" if torch is not None else "torch: not installed"
-    return f"{blas}\n{torch_part}"
-
-
 def measure(shapes):
     """(name, shapes, minidet's times, torch's times or None, float64 difference or None) of each layer."""
     rows = []
@@ -226,7 +214,7 @@ def main():
         torch.set_num_threads(THREADS)
     print(f"numpy {np.__version__}, minidet {minidet.__version__}"
           + (f", torch {torch.__version__}" if torch is not None else ""))
-    print(thread_report())
+    print(thread_report(THREADS, torch))
     print(f"median of {ARGS.repeat} runs after {ARGS.warmup} warm-up runs, times in ms\n")
 
     rows = measure(QUICK_SHAPES if ARGS.quick else SHAPES)

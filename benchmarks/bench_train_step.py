@@ -69,6 +69,8 @@ import sys
 import time
 from collections import defaultdict
 
+from threads import set_blas_threads, thread_report  # benchmarks/threads.py
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -93,8 +95,7 @@ ARGS = parse_args()
 
 # NumPy's matrix products run in OpenBLAS, which reads its thread count from these environment variables once,
 # when NumPy is first imported: so they are set here, before the imports below. (torch is told directly.)
-for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_variable] = str(ARGS.threads)
+set_blas_threads(ARGS.threads)
 
 import numpy as np  # noqa: E402  (imported after the thread settings on purpose)
 
@@ -411,19 +412,6 @@ def print_profile(rows, top=30):
 
 # ---- main --------------------------------------------------------------------------------------------------------
 
-def thread_report():
-    try:  # if threadpoolctl is installed, ask OpenBLAS itself how many threads it uses
-        from threadpoolctl import threadpool_info
-        counts = {f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info() if p["user_api"] == "blas"}
-        blas = f"NumPy BLAS threads (threadpoolctl): {', '.join(sorted(counts))}"
-    except ImportError:
-        blas = f"NumPy BLAS threads: {ARGS.threads} (OPENBLAS_NUM_THREADS, set before NumPy was imported)"
-    if os.environ.get("OPENBLAS_CORETYPE"):  # e.g. Haswell: AVX2 kernels even on a CPU with AVX-512
-        blas += f", OpenBLAS kernels chosen by OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}"
-    torch_part = f"torch threads: {torch.get_num_threads()}" if torch is not None else "torch: not installed"
-    return f"{blas}\n{torch_part}"
-
-
 # The weights, images and every op run in float64; the anchors and boxes stay float32 in both libraries (the box
 # targets are encoded from them), so the box loss and the gradients agree to about float32's precision of those
 # targets (measured: 6e-9 and 4e-7), not to float64's. A wrong op disagrees by orders of magnitude more.
@@ -455,7 +443,7 @@ def main():
         torch.set_num_threads(ARGS.threads)
     print(f"numpy {np.__version__}, minidet {minidet.__version__}"
           + (f", torch {torch.__version__}" if torch is not None else ""))
-    print(thread_report())
+    print(thread_report(ARGS.threads, torch))
     model, optimizer, images, targets = demo_setup()
     print(f"model: RetinaNet({model.num_classes} classes, {BACKBONE}, fpn_channels={FPN_CHANNELS}, "
           f"preset={PRESET!r}), {sum(p.size for p in model.parameters())} parameters; batch "
