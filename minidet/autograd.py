@@ -210,7 +210,9 @@ def _topological_order(root):
     return order[::-1]
 
 
-def _checked(fn, i, x, gx):
+def _gradient_shaped_like_its_input(fn, i, x, gx):
+    """``gx``, the gradient ``fn.backward`` gave for its input ``i`` (``x``), as an array; an error unless it has
+    that input's shape and dtype."""
     if isinstance(gx, np.generic):
         gx = np.asarray(gx)
     if gx.shape != x.shape or gx.dtype != x.dtype:
@@ -242,7 +244,7 @@ def run_backward(root, gradient, retain_graph=False):
                 continue
             if gx is None:
                 raise RuntimeError(f"{fn.name}.backward gave no gradient for input {i}, which requires grad")
-            gx = _checked(fn, i, x, gx)
+            gx = _gradient_shaped_like_its_input(fn, i, x, gx)
             if x._ctx is None:  # a leaf: keep its own copy, gradients may be views of others
                 x.grad = gx.copy() if x.grad is None else x.grad + gx
             else:

@@ -427,7 +427,7 @@ def checkpoint_state(config, model, optimizer, schedule, rng, step, epoch, batch
     return state
 
 
-def _part(state, prefix):
+def _entries_under(state, prefix):
     """The entries of ``state`` whose names start with ``prefix``, with the prefix removed."""
     return {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
 
@@ -443,7 +443,7 @@ def load_trained_model(path, device="cpu"):
                          "model.load_state_dict(minidet.load(path))")
     config = dataclasses.replace(TrainConfig.from_json(str(state["config"])), device=device)
     model = build_model(config)
-    model.load_state_dict(_part(state, "model."))
+    model.load_state_dict(_entries_under(state, "model."))
     return model.eval(), config
 
 
@@ -600,9 +600,9 @@ def train(config=None, dataset=None, resume=False):
             raise ValueError(f"train: cannot resume exactly: the run in {config.out} trained on {workers} "
                              f"worker(s), now there are {world.size}, which changes every global batch; resume "
                              f"with mpiexec -n {workers} (or without mpiexec for 1), or start a new run")
-        model.load_state_dict(_part(state, "model."))
-        optimizer.load_state_dict(_part(state, "optimizer."))
-        schedule.load_state_dict(_part(state, "scheduler."))
+        model.load_state_dict(_entries_under(state, "model."))
+        optimizer.load_state_dict(_entries_under(state, "optimizer."))
+        schedule.load_state_dict(_entries_under(state, "scheduler."))
         rng.bit_generator.state = json.loads(str(state["rng_state"]))
         step, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
         order = state["epoch_order"] if start_batch else None

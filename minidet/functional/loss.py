@@ -8,9 +8,9 @@ never form log(sigmoid(x)), which is log(0) = -inf once sigmoid(x) rounds to 0.
 from minidet import cuda
 from minidet.autograd import Function, Tensor
 from minidet.backend import get_array_module, is_cupy_array
+from minidet.functional import reduction as reductions  # not sum and mean by name: they would hide the builtins
 from minidet.functional.activation import softplus
 from minidet.functional.arithmetic import python_number
-from minidet.functional.reduction import mean, sum
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -23,11 +23,12 @@ def _check(op_name, input, target, reduction):
         raise ValueError(f"{op_name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _reduce(loss, reduction):
-    if reduction == "mean":
-        return mean(loss)
-    if reduction == "sum":
-        return sum(loss)
+def _reduce(loss, how):
+    """``loss`` as asked: its mean, its sum, or as it is ("none")."""
+    if how == "mean":
+        return reductions.mean(loss)
+    if how == "sum":
+        return reductions.sum(loss)
     return loss
 
 
