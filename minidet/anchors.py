@@ -12,40 +12,13 @@ stride s_l (8, 16, 32, 64, 128 pixels). Boxes are (x1, y1, x2, y2) in pixels of 
     cell_anchors(...)            -> (A, 4)                    centred at (0, 0)
     AnchorGenerator()(...)       -> (sum_l H_l * W_l * A, 4)  for one image; every image of a padded batch shares it
 
-Why 9 anchors per cell
-----------------------
-Objects come in many shapes and sizes. At each cell the paper places 3 aspect ratios h/w in {0.5, 1, 2} times
-3 scales {2^0, 2^(1/3), 2^(2/3)} = 9 anchors. The scales fill the octave between one level and the next (whose
-anchors are twice as large), so the 15 sizes over P3-P7 form one geometric series with ratio 2^(1/3) ~ 1.26:
-
-    32, 40.3, 50.8 | 64, 80.6, 101.6 | 128, ... | 512, 645.1, 812.7   (pixels, sqrt of the area)
-
-Any object size between 32 and 813 pixels is within a factor 2^(1/6) ~ 1.12 of some anchor size.
-
-Why the base size is 4 x stride
--------------------------------
-Level P3 has stride 8 and base anchors of 32 pixels (32^2 ... 512^2 areas on P3-P7). The anchor is 4 cells
-wide, so neighbouring anchors overlap heavily and an object never sits far from some anchor centre: at worst it
-is half a stride (= size / 8) off in both x and y. A square of the anchor's size shifted by d in x and y keeps
-
-    IoU = (s - d)^2 / (2 s^2 - (s - d)^2),   with d = s / 8:   (7/8)^2 / (2 - (7/8)^2) = 0.766 / 1.234 = 0.62
-
-so every object of an anchor's size and shape matches that anchor at IoU >= 0.5 wherever it lies. With a base
-size of only 2 x stride (d = s / 4) the worst case drops to 0.5625 / 1.4375 = 0.39: some objects would get no
-positive anchor at all.
-
-The smallest object that can match
-----------------------------------
-The smallest anchors have the area of a 32 x 32 square, 1024 (the torchvision preset rounds the 0.5-ratio one to
-46 x 22 = 1012, which moves the bound below to 22.5). A square of side s <= 32 centred inside a 32 x 32 anchor
-overlaps it in s^2 pixels, and their union is the anchor itself:
-
-    IoU = s^2 / 32^2 >= 0.5   ->   s >= sqrt(512) = 22.6 pixels
-
-and no placement or other anchor shape does better (IoU <= smaller area / larger area). So with the usual
-positive threshold of 0.5, objects under about 23 pixels never get a positive anchor: the anchor sizes must fit
-the data (smaller anchors, larger images, or the low-quality matches of the torchvision preset, which give each
-ground-truth box its best anchors whatever their IoU).
+Why these anchors
+-----------------
+Per cell, the paper's 3 aspect ratios h/w {0.5, 1, 2} times 3 scales {2^0, 2^(1/3), 2^(2/3)} of a base size of
+4 x stride (32 pixels on P3 ... 512 on P7): the 15 sizes over P3-P7 form one geometric series (ratio 2^(1/3)), an
+object of an anchor's size reaches IoU 0.62 with it however it falls between the centres, and objects under about
+23 pixels reach 0.5 with no anchor. Tutorial step 6 (``tutorials/06_anchors.py``) draws them and derives the
+last two.
 
 Anchor order (must equal the heads' channel order)
 --------------------------------------------------

@@ -123,6 +123,22 @@ fig.tight_layout()
 save(fig, "06_anchors.png")
 
 # %% [markdown]
+# ## Why the base size is 4 x stride
+#
+# An object never sits far from some anchor centre: at worst half a stride off in x and in y. For a square object
+# of an anchor's own size s, shifted by d in both directions, IoU = (s - d)^2 / (2 s^2 - (s - d)^2). With the base
+# size at 4 x stride, d = s / 8 and the worst case still matches (IoU >= 0.5); at 2 x stride, d = s / 4, it does
+# not, and some objects would get no positive anchor wherever they fell between the centres.
+
+# %%
+for cells in (4, 2):
+    size, offset = 32.0, 32.0 / cells / 2                 # half a stride, the stride being size / cells
+    shifted = np.array([[offset, offset, size + offset, size + offset]])
+    worst = box_iou(np.array([[0.0, 0.0, size, size]]), shifted)[0, 0]
+    print(f"base size {cells} x stride: the worst-placed object of the anchor's size has IoU {worst:.3f} "
+          f"({'matches' if worst >= 0.5 else 'no positive anchor'})")
+
+# %% [markdown]
 # ## The smallest object that can match
 #
 # During training (step 7) an anchor learns an object only if their IoU is at least 0.5. The smallest anchors
