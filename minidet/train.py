@@ -538,6 +538,54 @@ def _worker_losses(model, dataset, indices, draws, config, world):
     return {name: int(value) if name.startswith("num_") else value for name, value in zip(names, totals)}
 
 
+def _with_the_data(config, dataset):
+    """``config`` with the class names and count from ``dataset`` (default: the built-in ``Shapes`` of the config)
+    filled in, and the dataset."""
+    if dataset is None:
+        dataset = Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
+    if config.classes is None and hasattr(dataset, "classes"):
+        config = dataclasses.replace(config, classes=list(dataset.classes))
+    if config.num_classes is None:
+        if config.classes is None:
+            raise ValueError("train: the dataset has no 'classes' (its class names); set TrainConfig.num_classes")
+        config = dataclasses.replace(config, num_classes=len(config.classes))
+    if len(dataset) == 0:
+        raise ValueError("train: the dataset is empty")
+    return config, dataset
+
+
+def _resume(config, world, model, optimizer, schedule, rng):
+    """Load the run folder's checkpoint into the model, optimizer, schedule and random generator, after checking
+    that it can be continued exactly; drop the log lines written after it. Returns where the run goes on: (step,
+    epoch, batch in the epoch, the epoch's order or None, the loss yardstick or None)."""
+    checkpoint_path = os.path.join(config.out, "last.npz")
+    metrics_path = os.path.join(config.out, "metrics.jsonl")
+    if not os.path.exists(checkpoint_path):
+        raise FileNotFoundError(f"train: cannot resume: {checkpoint_path} does not exist (no epoch of a run in "
+                                f"{config.out} has finished); start without resume")
+    state = load(checkpoint_path)
+    _check_resumable(config, TrainConfig.from_json(str(state["config"])))
+    workers = int(state.get("workers", 1))                       # checkpoints before data-parallel runs lack it
+    if workers != world.size:
+        raise ValueError(f"train: cannot resume exactly: the run in {config.out} trained on {workers} "
+                         f"worker(s), now there are {world.size}, which changes every global batch; resume "
+                         f"with mpiexec -n {workers} (or without mpiexec for 1), or start a new run")
+    model.load_state_dict(_entries_under(state, "model."))
+    optimizer.load_state_dict(_entries_under(state, "optimizer."))
+    schedule.load_state_dict(_entries_under(state, "scheduler."))
+    rng.bit_generator.state = json.loads(str(state["rng_state"]))
+    step, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+    order = state["epoch_order"] if start_batch else None
+    saved = float(state.get("loss_yardstick", math.nan))          # checkpoints before the guard lack it
+    loss_yardstick = saved if math.isfinite(saved) else None
+    # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
+    if world.is_root:
+        rows = _read_metrics(metrics_path, up_to_step=step)
+        with open(metrics_path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    return step, start_epoch, start_batch, order, loss_yardstick
+
+
 def train(config=None, dataset=None, resume=False):
     """Train a RetinaNet as ``config`` says, on ``dataset`` (default: the built-in ``Shapes`` of the config).
 
@@ -562,16 +610,7 @@ def train(config=None, dataset=None, resume=False):
     """
     config = config or TrainConfig()
     backend.check_device_name(config.device)
-    if dataset is None:
-        dataset = Shapes(config.num_images, image_size=config.image_size, seed=config.data_seed)
-    if config.classes is None and hasattr(dataset, "classes"):
-        config = dataclasses.replace(config, classes=list(dataset.classes))
-    if config.num_classes is None:
-        if config.classes is None:
-            raise ValueError("train: the dataset has no 'classes' (its class names); set TrainConfig.num_classes")
-        config = dataclasses.replace(config, num_classes=len(config.classes))
-    if len(dataset) == 0:
-        raise ValueError("train: the dataset is empty")
+    config, dataset = _with_the_data(config, dataset)
     world = distributed.world(config.device)
     config = fit_anchors_if_needed(config, dataset, report=world.is_root)
     os.makedirs(config.out, exist_ok=True)
@@ -580,7 +619,7 @@ def train(config=None, dataset=None, resume=False):
     if world.is_root:
         _remove_unfinished_writes(config.out)
 
-    global_batch = config.batch_size * world.size          # each worker takes batch_size images of each step's
+    global_batch = config.batch_size * world.size          # each worker takes batch_size images of each step
     steps_per_epoch = math.ceil(len(dataset) / global_batch)
     total_steps = config.epochs * steps_per_epoch
     model = build_model(config)
@@ -588,31 +627,9 @@ def train(config=None, dataset=None, resume=False):
     schedule = build_schedule(config, optimizer, total_steps)
     rng = np.random.default_rng(config.seed)
     step, start_epoch, start_batch, order, loss_yardstick = 0, 0, 0, None, None
-
     if resume:
-        if not os.path.exists(checkpoint_path):
-            raise FileNotFoundError(f"train: cannot resume: {checkpoint_path} does not exist (no epoch of a run in "
-                                    f"{config.out} has finished); start without resume")
-        state = load(checkpoint_path)
-        _check_resumable(config, TrainConfig.from_json(str(state["config"])))
-        workers = int(state.get("workers", 1))                       # checkpoints before data-parallel runs lack it
-        if workers != world.size:
-            raise ValueError(f"train: cannot resume exactly: the run in {config.out} trained on {workers} "
-                             f"worker(s), now there are {world.size}, which changes every global batch; resume "
-                             f"with mpiexec -n {workers} (or without mpiexec for 1), or start a new run")
-        model.load_state_dict(_entries_under(state, "model."))
-        optimizer.load_state_dict(_entries_under(state, "optimizer."))
-        schedule.load_state_dict(_entries_under(state, "scheduler."))
-        rng.bit_generator.state = json.loads(str(state["rng_state"]))
-        step, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-        order = state["epoch_order"] if start_batch else None
-        saved = float(state.get("loss_yardstick", math.nan))          # checkpoints before the guard lack it
-        loss_yardstick = saved if math.isfinite(saved) else None
-        # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
-        if world.is_root:
-            rows = _read_metrics(metrics_path, up_to_step=step)
-            with open(metrics_path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        step, start_epoch, start_batch, order, loss_yardstick = _resume(config, world, model, optimizer, schedule,
+                                                                        rng)
     elif world.is_root:
         # A fresh run in a folder replaces the run there: its log and its checkpoint go now, so that a later resume
         # can never continue the old checkpoint with the new log.
