@@ -618,7 +618,7 @@ def main(argv=None):
             raise
         print(interrupted_message(args), file=sys.stderr)
         return 130
-    except (RuntimeError, ValueError, OSError) as error:
+    except (RuntimeError, ValueError, OSError, ImportError) as error:
         if args.debug:
             raise
         print(f"minidet {args.command}: {error}", file=sys.stderr)

@@ -106,6 +106,18 @@ def test_without_mpiexec_there_is_one_worker_and_under_it_mpi4py_is_required(mon
         distributed.world()
 
 
+def test_the_cli_says_in_one_line_that_mpi4py_is_missing(monkeypatch, tmp_path, capsys):
+    from minidet.cli import main
+
+    for name in distributed.LAUNCHER_SIZE_VARIABLES + distributed.LAUNCHER_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    assert main(["train", "--num-images", "2", "--image-size", "64", "--out", str(tmp_path / "run")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("minidet train: minidet: started by mpiexec as 2 processes") and "\n" not in error
+
+
 @needs_mpi
 def test_mpiexec_minidet_train_trains_once_and_only_the_first_worker_writes_and_speaks(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(HERE.parent), os.environ.get("PYTHONPATH"))
