@@ -122,23 +122,32 @@ for name, c in zip(("C3", "C4", "C5"), (c3, c4, c5)):
 # bottom-up pathway the article describes, and the reason for the feature pyramid of step 4.
 
 # %%
-fig, axes = plt.subplots(3, 5, figsize=(12, 7.5))
-for row, (name, c) in enumerate(zip(("C3", "C4", "C5"), (c3, c4, c5))):
-    maps = c.numpy()[0]                                             # (C, H_l, W_l)
-    top = np.argsort(maps.reshape(len(maps), -1).var(axis=1))[::-1][:4]
-    axes[row, 0].imshow(image.transpose(1, 2, 0))
-    axes[row, 0].set_title("input image" if row == 0 else "")
-    axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]} x {maps.shape[2]} cells, stride {SIZE // maps.shape[2]}",
-                            fontsize=11)
-    for col, channel in enumerate(top, start=1):
-        axes[row, col].imshow(maps[channel], cmap="viridis", interpolation="nearest")
-        axes[row, col].set_title(f"{name} channel {channel}", fontsize=9)
-for ax in axes.ravel():
-    ax.set_xticks([])
-    ax.set_yticks([])
-fig.suptitle("Feature maps of the bottom-up pathway (randomly initialised backbone): finer to coarser", fontsize=13)
-fig.tight_layout()
-save(fig, "03_feature_maps.png")
+def draw_levels(picture, levels, title, boxes=()):
+    """Fig. 3's layout: per level (row), the input ``picture`` (its ``boxes`` dashed) and the four channels with the
+    largest spatial variance, each in its own colour range."""
+    fig, axes = plt.subplots(3, 5, figsize=(12, 7.5))
+    for row, (name, c) in enumerate(zip(("C3", "C4", "C5"), levels)):
+        maps = c.numpy()[0]                                         # (C, H_l, W_l)
+        top = np.argsort(maps.reshape(len(maps), -1).var(axis=1))[::-1][:4]
+        axes[row, 0].imshow(picture.transpose(1, 2, 0))
+        for (x1, y1, x2, y2) in boxes:
+            axes[row, 0].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=1, ls="--"))
+        stride = picture.shape[-1] // maps.shape[2]
+        axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]} x {maps.shape[2]} cells, stride {stride}", fontsize=11)
+        for col, channel in enumerate(top, start=1):
+            axes[row, col].imshow(maps[channel], cmap="viridis", interpolation="nearest")
+            axes[row, col].set_title(f"{name} channel {channel}", fontsize=9)
+    axes[0, 0].set_title("input image")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=13)
+    fig.tight_layout()
+    return fig
+
+
+save(draw_levels(image, (c3, c4, c5), "Feature maps of the bottom-up pathway (randomly initialised backbone): finer "
+                 "to coarser"), "03_feature_maps.png")
 
 # %% [markdown]
 # ### Fig. 3 again, after training
@@ -156,23 +165,8 @@ shape_image, shape_target = Shapes(1, image_size=course_training().image_size, s
 batch, _ = training_batch([(shape_image, shape_target)], np.random.default_rng(0), 0.0, "cpu")  # normalised
 with md.no_grad():
     trained_maps = detector.backbone(md.tensor(batch))
-fig, axes = plt.subplots(3, 5, figsize=(12, 7.5))
-for row, (name, c) in enumerate(zip(("C3", "C4", "C5"), trained_maps)):
-    maps = c.numpy()[0]
-    top = np.argsort(maps.reshape(len(maps), -1).var(axis=1))[::-1][:4]
-    axes[row, 0].imshow(shape_image.transpose(1, 2, 0))
-    for (x1, y1, x2, y2) in shape_target["boxes"]:
-        axes[row, 0].add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec="white", lw=1, ls="--"))
-    axes[row, 0].set_ylabel(f"{name}\n{maps.shape[1]} x {maps.shape[2]} cells", fontsize=11)
-    for col, channel in enumerate(top, start=1):
-        axes[row, col].imshow(maps[channel], cmap="viridis", interpolation="nearest")
-        axes[row, col].set_title(f"{name} channel {channel}", fontsize=9)
-for ax in axes.ravel():
-    ax.set_xticks([])
-    ax.set_yticks([])
-fig.suptitle("Feature maps of the backbone trained in step 11, on a held-out Shapes image", fontsize=13)
-fig.tight_layout()
-save(fig, "03_feature_maps_trained.png")
+save(draw_levels(shape_image, trained_maps, "Feature maps of the backbone trained in step 11, on a held-out Shapes "
+                 "image", boxes=shape_target["boxes"]), "03_feature_maps_trained.png")
 
 # %% [markdown]
 # ## Three families, one interface
