@@ -160,6 +160,25 @@ def test_conv2d_gradcheck_with_a_batch_large_enough_to_skip_the_phases(rng):
     gradcheck(lambda x, w: F.conv2d(x, w, stride=2, padding=1), [x, w])
 
 
+@pytest.mark.parametrize("kernel, padding, groups", [((3, 3), (1, 1), 1), ((3, 3), (0, 0), 2), ((3, 2), (2, 1), 1),
+                                                     ((5, 5), (2, 2), 3), ((1, 3), (0, 1), 1)])
+def test_conv2d_input_gradient_by_flipped_kernel_equals_col2im(rng, kernel, padding, groups):
+    # A stride-1 convolution computes dL/dx as a convolution of dL/dy with the flipped kernel; col2im, the
+    # textbook way, is kept for strides and 1 x 1 kernels. Both must give the same gradient on every setting where
+    # the first applies: padding from 0 to KH - 1, rectangular kernels, groups.
+    from minidet.functional.conv import Conv2d
+
+    x = rng.standard_normal((3, 6, 7, 8))
+    w = rng.standard_normal((6, 6 // groups, *kernel))
+    conv = Conv2d((1, 1), padding, groups)
+    conv.needs_input_grad = (True, True)
+    y = conv.forward(x, w)
+    gy = rng.standard_normal(y.shape)
+    assert conv._flipping_pays()
+    gy_mat = gy.transpose(1, 2, 3, 0).reshape(groups, 6 // groups, -1)
+    np.testing.assert_allclose(conv._input_gradient_by_flipped_kernel(gy), conv._col2im(gy_mat, *y.shape[2:]),
+                               rtol=1e-12, atol=1e-12)
+
 @pytest.mark.parametrize("kernel, stride, padding", [(2, None, 0), (3, 2, 1), (3, 1, 0)])
 def test_max_pool2d(xp, rng, kernel, stride, padding):
     x = xp.asarray(rng.permutation(2 * 3 * 7 * 6).reshape(2, 3, 7, 6) * 0.1)   # distinct values: no ties
