@@ -48,7 +48,7 @@ class Log(Function):
 class ReLU(Function):
     def forward(self, x):
         self.positive = x > 0
-        return x * self.positive
+        return get_array_module(x).maximum(x, 0)    # not x * positive: multiplying by a mask is a slower pass
 
     def backward(self, gy):
         return gy * self.positive  # the gradient at exactly 0 is taken as 0, as in PyTorch
