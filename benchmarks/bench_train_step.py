@@ -104,6 +104,7 @@ from minidet import autograd, optim  # noqa: E402
 from minidet.anchors import AnchorGenerator  # noqa: E402
 from minidet.autograd import Function  # noqa: E402
 from minidet.data import Shapes  # noqa: E402
+from minidet.functional import conv  # noqa: E402
 from minidet.models import retinanet  # noqa: E402
 from minidet.models.retinanet import RetinaNet  # noqa: E402
 from minidet.models.torchvision_weights import RENAMES  # noqa: E402
@@ -410,6 +411,57 @@ def print_profile(rows, top=30):
                                     for name, seconds in sorted(groups.items(), key=lambda g: -g[1])))
 
 
+# ---- the floor: the convolutions' matrix products alone ---------------------------------------------------------
+
+def convolution_products(model, optimizer, images, targets):
+    """The matrix products of every ``Conv2d`` in one step, as functions that repeat them on arrays of their shapes.
+
+    Each convolution does up to three products: the forward W x columns, dL/dW = dL/dY x columns transposed, and
+    dL/dx (a product with the flipped kernel where ``Conv2d`` computes it so, else W transposed x dL/dY, before
+    col2im; none for the images). Timed alone, they are what the step would cost if every copy, every other op
+    and all of Python took no time: a floor under minidet's step that only a faster BLAS can lower.
+    """
+    calls = []
+    backward = conv.Conv2d.backward
+
+    def recording(self, gy):
+        taps = self.w_shape[2] * self.w_shape[3]
+        calls.append((self.w_mat.shape, self.cols.shape[2], taps, self.needs_input_grad[0], self._flipping_pays()))
+        return backward(self, gy)
+
+    conv.Conv2d.backward = recording
+    try:
+        training_step(model, optimizer, images, targets)
+    finally:
+        conv.Conv2d.backward = backward
+    rng = np.random.default_rng(0)
+
+    def operands(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    products = []   # (a, b) pairs, each one a @ b of the step
+    for (g, o, k), columns, taps, need_x, flipped in calls:   # W is (G, O/G, k), k = C/G * KH * KW
+        w, cols, gy = operands(g, o, k), operands(g, k, columns), operands(g, o, columns)
+        products += [(w, cols), (gy, cols.swapaxes(-1, -2))]
+        if need_x and flipped:    # the flipped kernel (G, C/G, O/G*KH*KW) times the columns of dL/dy
+            products.append((operands(g, k // taps, o * taps), operands(g, o * taps, columns)))
+        elif need_x:              # W transposed (G, k, O/G) times dL/dY
+            products.append((w.swapaxes(-1, -2), gy))
+    return products
+
+
+def time_products(products, repeat):
+    """The median seconds of all ``products`` done once, over ``repeat`` runs after one warm-up."""
+    times = []
+    for _ in range(repeat + 1):
+        time.sleep(0.2)
+        start = time.perf_counter()
+        for a, b in products:
+            np.matmul(a, b)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 # ---- main --------------------------------------------------------------------------------------------------------
 
 # The weights, images and every op run in float64; the anchors and boxes stay float32 in both libraries (the box
@@ -479,6 +531,12 @@ def main():
         result.update(torch_ms=torch_ms, ratio=ratio, paired_ratio=paired)
         print(f"ratio minidet / torch: {ratio:.2f} (median of the rounds' ratios: {paired:.2f}); goal <= 2.0: "
               f"{'ok' if ratio <= 2.0 else 'SLOWER'}")
+
+    products = convolution_products(model, optimizer, images, targets)
+    floor_ms = 1000 * time_products(products, ARGS.repeat)
+    result["conv_products_ms"] = floor_ms
+    print(f"\nthe convolutions' {len(products)} matrix products alone (a floor under minidet's step): {floor_ms:.1f} ms"
+          + (f", {floor_ms / result['torch_ms']:.2f}x torch's whole step" if torch is not None else ""))
 
     if ARGS.profile_steps:
         rows = profile_steps(model, optimizer, images, targets, ARGS.profile_steps)
