@@ -1,13 +1,18 @@
 """minidet against PyTorch on the same float32 inputs: forward values and the gradients of every input.
 
+First every case of the op table (tests/op_table.py), with all inputs differentiable and with some constant; then
+what a table cannot say well: operators and methods, ties, extremes, NumPy scalar settings, layers, optimizers.
 Each op runs on both sides with the same inputs and the same random upstream gradient
 (``y.backward(g)``), so a backward that forgets ``g``, a transposed gradient or a wrong
 broadcast shows up as a relative error (``minidet.testing.relative_error``) above the tolerance.
 The whole file skips where torch is not installed.
 """
 
+import functools
+
 import numpy as np
 import pytest
+from op_table import CASES, ELEMENTWISE, HEAVY, constants_as, torchvision_sigmoid_focal_loss
 
 import minidet as md
 import minidet.functional as F
@@ -18,9 +23,6 @@ torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 
 pytestmark = pytest.mark.reference
-
-ELEMENTWISE = 1e-5   # relative error allowed for element-wise and shape ops
-HEAVY = 1e-4         # for ops that sum many products: conv2d, matmul, the norms
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------
@@ -115,18 +117,35 @@ def test_check_catches_a_wrong_gradient():
         check(lambda x: ForgetfulExp()(x), torch.exp, [randn(0, 3, 4)])
 
 
+
+# --- every op of the table -----------------------------------------------------------------------------------------
+
+def run_case(index, case, grad=None):
+    """A case of the op table in float32 on both sides: its inputs, and its constants as each side's arrays."""
+    inputs, constants = case.inputs(np.random.default_rng(index))
+    constants = constants_as(constants, lambda a: a.astype(np.float32) if a.dtype.kind == "f" else a)
+    on_torch = constants_as(constants, torch.from_numpy)
+    check(lambda *ts: case.minidet(*ts, *constants), lambda *ts: case.torch(torch, *ts, *on_torch),
+          [a.astype(np.float32) for a in inputs], rtol=case.rtol, grad=grad)
+
+
+@pytest.mark.parametrize("index, case", list(enumerate(CASES)), ids=[case.id for case in CASES])
+def test_op_against_torch(index, case):
+    run_case(index, case)
+
+
+SEVERAL_INPUTS = [(index, case) for index, case in enumerate(CASES)
+                  if len(case.inputs(np.random.default_rng(index))[0]) > 1]
+
+
+@pytest.mark.parametrize("grad", ["first only", "all but the first"])
+@pytest.mark.parametrize("index, case", SEVERAL_INPUTS, ids=[case.id for _, case in SEVERAL_INPUTS])
+def test_op_against_torch_with_some_inputs_constant(index, case, grad):
+    # An op must give the gradients asked for and no others: the weights' alone, or the input's and bias' alone.
+    count = len(case.inputs(np.random.default_rng(index))[0])
+    run_case(index, case, grad=(0,) if grad == "first only" else range(1, count))
+
 # --- arithmetic ----------------------------------------------------------------------------------------------------
-
-BINARY_SHAPES = [((3, 4), (3, 4)), ((2, 3, 4), (4,)), ((2, 1, 4), (3, 1)), ((1, 4), (2, 3, 1)), ((), (2, 3))]
-
-
-@pytest.mark.parametrize("grad", [(0, 1), (0,), (1,)], ids=["both", "first", "second"])
-@pytest.mark.parametrize("shapes", BINARY_SHAPES, ids=str)
-@pytest.mark.parametrize("name", ["add", "sub", "mul", "div"])
-def test_binary_arithmetic_with_broadcasting(name, shapes, grad):
-    a = randn(1, *shapes[0])
-    b = uniform(2, 0.5, 2.0, *shapes[1]) * np.where(randn(3, *shapes[1]) > 0, 1, -1).astype(np.float32)
-    check(getattr(F, name), getattr(torch, name), [a, b], grad=grad)
 
 
 def test_arithmetic_with_a_numpy_array_on_the_left():
@@ -144,18 +163,6 @@ def test_arithmetic_with_a_numpy_array_on_the_left():
 def test_operators_with_python_scalars(name, fn):
     x = uniform(4, 0.5, 2.0, 3, 5)
     check(fn, fn, [x])
-
-
-def test_neg():
-    check(F.neg, torch.neg, [randn(5, 2, 3)])
-
-
-@pytest.mark.parametrize("exponent", [2, 3, 0.5, -1, 1.5, -2.5])
-def test_pow(exponent):
-    x = uniform(6, 0.3, 2.0, 3, 4)
-    if isinstance(exponent, int):  # integer powers also see negative bases
-        x *= np.where(randn(7, 3, 4) > 0, 1, -1).astype(np.float32)
-    check(lambda t: F.pow(t, exponent), lambda t: torch.pow(t, exponent), [x])
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero", "ignore:invalid value")
@@ -177,7 +184,7 @@ def test_numpy_scalar_settings_keep_float32(case):
         "clamp": (lambda x: F.clamp(x, f64(-0.5), f64(0.5)), lambda x: torch.clamp(x, -0.5, 0.5)),
         "pad": (lambda x: F.pad(x, (1, 1), f64(2.0)), lambda x: TF.pad(x, (1, 1), value=2.0)),
         "focal": (lambda x: F.sigmoid_focal_loss(x, np.ones_like(x.data), alpha=f64(0.25), gamma=f64(2.0)),
-                  lambda x: torchvision_sigmoid_focal_loss(x, torch.ones_like(x))),
+                  lambda x: torchvision_sigmoid_focal_loss(torch, x, torch.ones_like(x))),
         "pow float64": (lambda x: x ** f64(2.0), lambda x: x ** 2.0),
         "pow int64": (lambda x: x ** i64(3), lambda x: x ** 3),
         "smooth_l1 beta": (lambda x: F.smooth_l1_loss(x, np.zeros_like(x.data), beta=f64(0.11)),
@@ -193,17 +200,6 @@ def test_numpy_scalar_settings_keep_float32(case):
     check(*ops[case], [randn(9, 4, 3, 2)], rtol=HEAVY)
 
 
-@pytest.mark.parametrize("shapes", [
-    ((3, 4), (4, 5)),
-    ((2, 3, 4), (2, 4, 5)),
-    ((2, 1, 3, 4), (5, 4, 2)),       # batch dims broadcast both ways: (2, 1) against (5,)
-    ((3, 4), (2, 4, 5)),             # a plain matrix against a batch
-    ((2, 3, 4), (4, 1)),
-], ids=str)
-def test_matmul(shapes):
-    check(F.matmul, torch.matmul, [randn(10, *shapes[0]), randn(11, *shapes[1])], rtol=HEAVY)
-
-
 def test_matmul_operator():
     check(lambda a, b: a @ b, lambda a, b: a @ b, [randn(12, 2, 3), randn(13, 3, 4)], rtol=HEAVY)
 
@@ -212,19 +208,6 @@ def test_matmul_operator():
 
 def amax_dim(dim):
     return () if dim is None else dim   # torch.amax reduces everything over dim=()
-
-
-@pytest.mark.parametrize("keepdim", [False, True])
-@pytest.mark.parametrize("dim", [None, 0, 1, -1, (0, 2)], ids=str)
-@pytest.mark.parametrize("name", ["sum", "mean", "max"])
-def test_reductions(name, dim, keepdim):
-    x = randn(20, 2, 3, 5)
-    md_op = getattr(F, name)
-    if name == "max":
-        torch_op = lambda t: torch.amax(t, dim=amax_dim(dim), keepdim=keepdim)
-    else:
-        torch_op = lambda t: getattr(torch, name)(t, dim=dim, keepdim=keepdim)
-    check(lambda t: md_op(t, dim=dim, keepdim=keepdim), torch_op, [x])
 
 
 @pytest.mark.parametrize("dim", [None, 1, (0, 2)], ids=str)
@@ -241,86 +224,13 @@ def test_reduction_methods():
 
 # --- shape ops -----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(4, -1), (24,), (2, 12), (3, 2, 2, 2), (1, 24, 1)], ids=str)
-def test_reshape(shape):
-    check(lambda t: F.reshape(t, shape), lambda t: torch.reshape(t, shape), [randn(30, 2, 3, 4)])
-
-
-@pytest.mark.parametrize("dims", [(0, 1, 2), (2, 0, 1), (1, 2, 0), (-1, 0, 1)], ids=str)
-def test_permute(dims):
-    check(lambda t: F.permute(t, dims), lambda t: t.permute(*dims), [randn(31, 2, 3, 4)])
-
-
-@pytest.mark.parametrize("dims", [(0, 2), (1, 2), (-1, -2), (0, 0)], ids=str)
-def test_transpose(dims):
-    check(lambda t: F.transpose(t, *dims), lambda t: torch.transpose(t, *dims), [randn(32, 2, 3, 4)])
-
 
 def test_shape_methods():
     check(lambda t: t.reshape(6, 4).permute(1, 0).transpose(0, 1), lambda t: t.reshape(6, 4).permute(1, 0).t(),
           [randn(33, 2, 3, 4)])
 
 
-INDICES = {
-    "slices": (slice(1, None), slice(None, None, 2)),
-    "int and ellipsis": (Ellipsis, 1),
-    "negative int": -1,
-    "new axis": (slice(None), None, slice(1, 3)),
-    "repeated rows": np.array([0, 2, 0, 0]),
-    "repeated columns": (slice(None), np.array([3, 3, 0, 1, 3])),
-    "repeated pairs": (np.array([0, 1, 0, 0]), np.array([2, 1, 2, 2])),
-    "2-d index array": np.array([[1, 1], [0, 2]]),
-    "boolean mask": "mask",
-}
-
-
-@pytest.mark.parametrize("case", list(INDICES))
-def test_getitem(case):
-    x = randn(34, 3, 4, 2)
-    index = INDICES[case]
-    if case == "boolean mask":
-        index = randn(35, 3, 4) > 0
-
-    def torch_index(i):
-        if isinstance(i, tuple):
-            return tuple(torch_index(j) for j in i)
-        return torch.from_numpy(i) if isinstance(i, np.ndarray) else i
-
-    check(lambda t: F.getitem(t, index), lambda t: t[torch_index(index)], [x])
-    check(lambda t: t[index], lambda t: t[torch_index(index)], [x])
-
-
-@pytest.mark.parametrize("dim", [0, 1, -1])
-def test_cat(dim):
-    shapes = [[2, 3, 4], [2, 3, 4], [2, 3, 4]]
-    for s, n in zip(shapes, (1, 3, 2)):
-        s[dim] = n
-    inputs = [randn(40 + i, *s) for i, s in enumerate(shapes)]
-    check(lambda *ts: F.cat(list(ts), dim), lambda *ts: torch.cat(ts, dim), inputs)
-
-
-@pytest.mark.parametrize("dim", [0, 1, 2, -1])
-def test_stack(dim):
-    inputs = [randn(45 + i, 3, 4) for i in range(3)]
-    check(lambda *ts: F.stack(list(ts), dim), lambda *ts: torch.stack(ts, dim), inputs)
-
-
-@pytest.mark.parametrize("pad, value", [
-    ((1, 2), 0.0), ((1, 0, 2, 1), 0.0), ((0, 1, 1, 1, 2, 0), -1.5), ((2, 2, 0, 0), 3.0),
-], ids=str)
-def test_pad(pad, value):
-    check(lambda t: F.pad(t, pad, value), lambda t: TF.pad(t, pad, mode="constant", value=value),
-          [randn(50, 2, 3, 5)])
-
-
 # --- element-wise functions ----------------------------------------------------------------------------------------
-
-def test_exp():
-    check(F.exp, torch.exp, [randn(60, 3, 5, scale=2.0)])
-
-
-def test_log():
-    check(F.log, torch.log, [uniform(61, 0.05, 5.0, 3, 5)])
 
 
 def test_relu_including_exact_zeros():
@@ -358,46 +268,6 @@ def test_clamp_including_values_on_the_bounds(low, high):
 
 # --- convolution, pooling, upsampling ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("groups", [1, 4], ids=["groups=1", "groups=C"])
-@pytest.mark.parametrize("kernel", [1, 3])
-@pytest.mark.parametrize("padding", [0, 1])
-@pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_grid(stride, padding, kernel, groups, batch, bias):
-    c, o, h, w = 4, 8, 7, 5
-    inputs = [randn(70, batch, c, h, w), randn(71, o, c // groups, kernel, kernel, scale=0.5)]
-    if bias:
-        inputs.append(randn(72, o))
-    check(lambda *ts: F.conv2d(*ts, stride=stride, padding=padding, groups=groups),
-          lambda *ts: TF.conv2d(*ts, stride=stride, padding=padding, groups=groups), inputs, rtol=HEAVY)
-
-
-@pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 3), (1, 5), (2, 5)])
-def test_depthwise_conv2d(stride, kernel):
-    inputs = [randn(73, 3, 6, 9, 8), randn(74, 6, 1, kernel, kernel, scale=0.5), randn(75, 6)]
-    check(lambda *ts: F.conv2d(*ts, stride=stride, padding=kernel // 2, groups=6),
-          lambda *ts: TF.conv2d(*ts, stride=stride, padding=kernel // 2, groups=6), inputs, rtol=HEAVY)
-
-
-@pytest.mark.parametrize("kernel, stride, padding, groups", [
-    ((3, 1), (2, 1), (1, 0), 2),
-    ((1, 3), (1, 2), (0, 1), 1),
-    ((3, 3), 3, 1, 2),      # stride larger than the overlap: some input pixels get no gradient
-    ((5, 5), 1, 2, 1),
-], ids=str)
-def test_conv2d_rectangular_settings(kernel, stride, padding, groups):
-    inputs = [randn(73, 2, 4, 9, 6), randn(74, 6, 4 // groups, *kernel, scale=0.5), randn(75, 6)]
-    check(lambda *ts: F.conv2d(*ts, stride=stride, padding=padding, groups=groups),
-          lambda *ts: TF.conv2d(*ts, stride=stride, padding=padding, groups=groups), inputs, rtol=HEAVY)
-
-
-@pytest.mark.parametrize("grad", [(1, 2), (0,), (0, 2)], ids=["weights only", "input only", "input and bias"])
-def test_conv2d_with_some_inputs_constant(grad):
-    inputs = [randn(76, 2, 4, 7, 5), randn(77, 6, 2, 3, 3, scale=0.5), randn(78, 6)]
-    check(lambda *ts: F.conv2d(*ts, stride=2, padding=1, groups=2),
-          lambda *ts: TF.conv2d(*ts, stride=2, padding=1, groups=2), inputs, rtol=HEAVY, grad=grad)
-
 
 def test_conv2d_on_a_permuted_input_and_gradient():
     """Non-contiguous arrays both ways: the input is an NHWC array permuted to NCHW, the output is permuted back."""
@@ -406,28 +276,10 @@ def test_conv2d_on_a_permuted_input_and_gradient():
           [randn(79, 2, 7, 5, 4), randn(80, 3, 4, 3, 3)], rtol=HEAVY)
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [
-    (2, None, 0), (2, 2, 1), (2, 1, 1), (3, None, 0), (3, 2, 1), (3, 1, 1), (3, 2, 0),
-], ids=str)
-def test_max_pool2d(kernel, stride, padding):
-    x = randn(80, 2, 3, 7, 5)
-    check(lambda t: F.max_pool2d(t, kernel, stride, padding),
-          lambda t: TF.max_pool2d(t, kernel, stride, padding), [x])
-
-
 def test_max_pool2d_ties_go_to_the_first_maximum():
     x = np.random.default_rng(81).integers(0, 3, (2, 2, 7, 5)).astype(np.float32)   # windows full of ties
     check(lambda t: F.max_pool2d(t, 3, 2, 1), lambda t: TF.max_pool2d(t, 3, 2, 1), [x])
     check(lambda t: F.max_pool2d(t, 2), lambda t: TF.max_pool2d(t, 2), [x])
-
-
-@pytest.mark.parametrize("kwargs", [
-    dict(scale_factor=2), dict(scale_factor=(2, 3)), dict(scale_factor=1),
-    dict(size=(14, 10)), dict(size=(21, 5)), dict(size=35),
-], ids=str)
-def test_interpolate_nearest(kwargs):
-    check(lambda t: F.interpolate(t, mode="nearest", **kwargs),
-          lambda t: TF.interpolate(t, mode="nearest", **kwargs), [randn(90, 2, 3, 7, 5)])
 
 
 # --- normalisation -------------------------------------------------------------------------------------------------
@@ -447,79 +299,17 @@ def test_batch_norm_training_updates_running_stats_as_torch(shape, affine):
     assert_close(stats["md"][1], stats["torch"][1].numpy(), HEAVY, name="running_var")
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (6, 3)], ids=str)
-def test_batch_norm_eval_uses_running_stats(shape):
-    c = shape[1]
-    mean, var = randn(110, c), uniform(111, 0.5, 2.0, c)
-    check(lambda x, w, b: F.batch_norm(x, mean, var, w, b, training=False, eps=1e-5),
-          lambda x, w, b: TF.batch_norm(x, torch.from_numpy(mean), torch.from_numpy(var), w, b, training=False,
-                                        eps=1e-5),
-          [randn(112, *shape), randn(113, c), randn(114, c)], rtol=HEAVY)
-
-
-@pytest.mark.parametrize("shape", [(2, 6, 5, 3), (3, 6, 4)], ids=str)
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-@pytest.mark.parametrize("num_groups", [1, 2, 6])
-def test_group_norm(num_groups, affine, shape):
-    x = randn(120, *shape, scale=3.0) - 1.0
-    inputs = [x, randn(121, 6), randn(122, 6)] if affine else [x]
-    check(lambda *ts: F.group_norm(ts[0], num_groups, *ts[1:], eps=1e-5),
-          lambda *ts: TF.group_norm(ts[0], num_groups, *ts[1:], eps=1e-5), inputs, rtol=HEAVY)
-
-
 # --- losses --------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_binary_cross_entropy_with_logits(reduction, weighted):
-    x = with_extremes(randn(130, 6, 4, scale=3.0))
-    t = uniform(131, 0.0, 1.0, 6, 4)
-    t.reshape(-1)[:4] = [1.0, 0.0, 0.0, 1.0]   # +100 and -100 both wrong, then both right
-    weight = uniform(132, 0.1, 2.0, 4) if weighted else None
-    weight_t = None if weight is None else torch.from_numpy(weight)
-    check(lambda x, t: F.binary_cross_entropy_with_logits(x, t, weight=weight, reduction=reduction),
-          lambda x, t: TF.binary_cross_entropy_with_logits(x, t, weight=weight_t, reduction=reduction),
-          [x, t])
 
-
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("beta", [0.11, 1.0, 0.0])
-def test_smooth_l1_loss(beta, reduction):
+def test_smooth_l1_loss_at_zero_differences(beta):
+    # Where input equals target the slope is 0 on both sides, also for beta = 0 (plain L1, whose sign(0) is 0).
     x = randn(140, 5, 4)
-    d = uniform(141, -3.0, 3.0, 5, 4) * (beta or 1.0)   # a third of the differences in the quadratic part
-    d.reshape(-1)[:3] = 0.0                              # zero differences: the slope there is 0 on both sides
-    t = x - d
-    check(lambda x, t: F.smooth_l1_loss(x, t, reduction=reduction, beta=beta),
-          lambda x, t: TF.smooth_l1_loss(x, t, reduction=reduction, beta=beta), [x, t])
-
-
-def torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
-    """``torchvision.ops.sigmoid_focal_loss``, written out (torchvision does not import with this torch build)."""
-    p = torch.sigmoid(inputs)
-    ce_loss = TF.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce_loss * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-        loss = alpha_t * loss
-    if reduction == "mean":
-        loss = loss.mean()
-    elif reduction == "sum":
-        loss = loss.sum()
-    return loss
-
-
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1, 2.0), (0.25, 0.0), (-1, 0.0), (0.5, 1.0), (0.9, 1.5),
-                                          (0.25, 5.0)], ids=str)
-def test_sigmoid_focal_loss_matches_torchvision(alpha, gamma, reduction):
-    x = with_extremes(randn(150, 8, 3, scale=3.0), (100.0, -100.0, 100.0, -100.0))
-    t = (np.random.default_rng(151).random((8, 3)) < 0.3).astype(np.float32)
-    t.reshape(-1)[:4] = [0.0, 1.0, 1.0, 0.0]   # +100 and -100 confidently wrong, then confidently right
-    y_md, _ = check(lambda x, t: F.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction),
-                    lambda x, t: torchvision_sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction),
-                    [x, t], grad=[0])
-    assert np.all(np.isfinite(y_md.numpy()))
+    d = uniform(141, -3.0, 3.0, 5, 4) * (beta or 1.0)
+    d.reshape(-1)[:3] = 0.0
+    check(lambda x, t: F.smooth_l1_loss(x, t, reduction="sum", beta=beta),
+          lambda x, t: TF.smooth_l1_loss(x, t, reduction="sum", beta=beta), [x, x - d])
 
 
 @pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1, 0.0), (0.25, 1.5)], ids=str)
@@ -528,7 +318,7 @@ def test_losses_at_logits_of_plus_minus_100_elementwise(alpha, gamma):
     x = np.array([100.0, -100.0, 100.0, -100.0, 30.0, -30.0], np.float32)
     t = np.array([0.0, 1.0, 1.0, 0.0, 0.0, 1.0], np.float32)
     ops = [(lambda x, t: F.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma),
-            lambda x, t: torchvision_sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma)),
+            lambda x, t: torchvision_sigmoid_focal_loss(torch, x, t, alpha=alpha, gamma=gamma)),
            (lambda x, t: F.binary_cross_entropy_with_logits(x, t, reduction="none"),
             lambda x, t: TF.binary_cross_entropy_with_logits(x, t, reduction="none"))]
     for md_op, torch_op in ops:
@@ -540,20 +330,13 @@ def test_losses_at_logits_of_plus_minus_100_elementwise(alpha, gamma):
         np.testing.assert_allclose(x_md.grad, x_t.grad.numpy(), rtol=1e-6, atol=1e-30)
 
 
-def test_sigmoid_focal_loss_with_soft_targets():
-    x = randn(152, 6, 4, scale=2.0)
-    t = uniform(153, 0.0, 1.0, 6, 4)
-    check(lambda x, t: F.sigmoid_focal_loss(x, t, reduction="sum"),
-          lambda x, t: torchvision_sigmoid_focal_loss(x, t, reduction="sum"), [x, t], grad=[0])
-
-
 def test_a_small_detector_graph_end_to_end():
     """Backbone conv, batch norm, pooling, a lateral connection with upsampling, group norm, a head and the
     two RetinaNet losses, in one graph: every parameter's gradient against torch's."""
 
     def forward(lib, x, w1, g1, b1, w2, w3, gn_w, gn_b, w_cls, b_cls, w_box, t_cls, t_box):
         Fn = F if lib is md else TF
-        focal = F.sigmoid_focal_loss if lib is md else torchvision_sigmoid_focal_loss
+        focal = F.sigmoid_focal_loss if lib is md else functools.partial(torchvision_sigmoid_focal_loss, torch)
         cat = F.cat if lib is md else torch.cat
         stats = (np.zeros(4, np.float32), np.ones(4, np.float32))
         if lib is torch:
