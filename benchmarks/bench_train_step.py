@@ -442,7 +442,7 @@ def convolution_products(model, optimizer, images, targets):
     products = []   # (a, b) pairs, each one a @ b of the step
     for (g, o, k), columns, taps, need_x, flipped in calls:   # W is (G, O/G, k), k = C/G * KH * KW
         w, cols, gy = operands(g, o, k), operands(g, k, columns), operands(g, o, columns)
-        products += [(w, cols), (gy, cols.swapaxes(-1, -2))]
+        products += [(w, cols), (cols, gy.swapaxes(-1, -2))]   # the forward; dL/dW, transposed as Conv2d does it
         if need_x and flipped:    # the flipped kernel (G, C/G, O/G*KH*KW) times the columns of dL/dy
             products.append((operands(g, k // taps, o * taps), operands(g, o * taps, columns)))
         elif need_x:              # W transposed (G, k, O/G) times dL/dY

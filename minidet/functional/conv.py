@@ -158,12 +158,16 @@ class Conv2d(Function):
         need_x, need_w = self.needs_input_grad[:2]
         n, o, oh, ow = gy.shape
         g = self.groups
+        xp = get_array_module(gy)
         gy_mat = gy.transpose(1, 2, 3, 0).reshape(g, o // g, oh * ow * n)       # (G, O/G, L*N), a copy
         gx = gw = None
         if need_w:
             # dL/dW = dL/dY (O/G, L*N) times the columns transposed (L*N, C/G*KH*KW): the sum over images and
-            # positions is the inner dimension of the product.
-            gw = (gy_mat @ self.cols.swapaxes(-1, -2)).reshape(self.w_shape)
+            # positions is the inner dimension of the product. It is computed transposed, the columns times dL/dY
+            # transposed: the same sums, but OpenBLAS takes 0.5-0.8x the time for it on these long, thin matrices
+            # (measured on the demo's layers, 1 and 2 threads).
+            gw_t = self.cols @ gy_mat.swapaxes(-1, -2)                           # (G, C/G*KH*KW, O/G)
+            gw = xp.ascontiguousarray(gw_t.swapaxes(-1, -2)).reshape(self.w_shape)
         if need_x:
             if self._flipping_pays():
                 gx = self._input_gradient_by_flipped_kernel(gy)
