@@ -12,36 +12,17 @@ from minidet.functional.arithmetic import python_number
 from minidet.functional.shape import reshape
 
 
-class Standardize(Function):
-    """x_hat = (x - mean) / sqrt(var + eps) over ``axes`` (biased variance)."""
-
-    def __init__(self, axes, eps):
-        self.axes, self.eps = axes, eps
-
-    def forward(self, x):
-        xp = get_array_module(x)
-        self.mean = x.mean(axis=self.axes, keepdims=True)
-        centred = x - self.mean
-        self.var = (centred * centred).mean(axis=self.axes, keepdims=True)
-        self.inv_std = 1 / xp.sqrt(self.var + self.eps)
-        self.x_hat = centred * self.inv_std
-        return self.x_hat
-
-    def backward(self, gy):
-        # The mean and variance depend on every x too. Differentiating through both gives
-        # dL/dx = (gy - mean(gy) - x_hat * mean(gy * x_hat)) / sqrt(var + eps).
-        mean_gy = gy.mean(axis=self.axes, keepdims=True)
-        mean_gy_xhat = (gy * self.x_hat).mean(axis=self.axes, keepdims=True)
-        return self.inv_std * (gy - mean_gy - self.x_hat * mean_gy_xhat)
-
-
 class BatchNormTraining(Function):
     """Batch norm with the batch's statistics: y = x_hat * weight + bias, x_hat standardised per channel.
 
-    Works on x viewed as (N, C, L), L = H * W: each channel's mean and variance are over N and L. This is
-    ``Standardize`` followed by the per-channel scale and shift, in one op: because the scale is constant over the
-    very values that share a mean, the gradients of the scale and shift are the two sums that the standardisation's
-    backward needs anyway, so one op saves several passes over x.
+    Works on x viewed as (N, C, L), L = H * W: each channel's mean and variance are over N and L. The standardisation
+    and the per-channel scale and shift are one op: because the scale is constant over the very values that share a
+    mean, the gradients of the scale and shift are the two sums that the standardisation's backward needs anyway,
+    so one op saves several passes over x.
+
+    The standardisation's backward: the mean and variance depend on every x as well, and differentiating through
+    both gives, for g = dL/dx_hat, dL/dx = (g - mean(g) - x_hat * mean(g * x_hat)) / sqrt(var + eps), the means
+    over the values that share a mean.
     """
 
     def __init__(self, eps):
@@ -68,7 +49,7 @@ class BatchNormTraining(Function):
         count = gy3.shape[0] * gy3.shape[2]
         gb = xp.einsum("ncl->c", gy3)                                          # dL/dbias
         gw = xp.einsum("ncl,ncl->c", gy3, self.x_hat)                          # dL/dweight
-        # dL/dx_hat = gy * weight; through the mean and variance (see Standardize.backward) that gives
+        # dL/dx_hat = gy * weight, so the standardisation's backward (see above) gives
         # dL/dx = weight / sqrt(var + eps) * (gy - mean(gy) - x_hat * mean(gy * x_hat)), and the two means are
         # gb / count and gw / count.
         gx = self.x_hat * (gw / count)[:, None]
@@ -77,6 +58,51 @@ class BatchNormTraining(Function):
         gx *= (self.weight * self.inv_std)[:, None]
         return gx.reshape(gy.shape), gw, gb
 
+
+class GroupNorm(Function):
+    """Group norm in one op: y = x_hat * weight + bias, x_hat standardised over each image's channel groups.
+
+    Works on x viewed as (N, G, C/G, L), L = H * W: each (image, group) has one mean and variance, over its C/G
+    channels and L positions. As in ``BatchNormTraining``, the scale, shift and standardisation in one op save
+    passes over x; but here the scale differs between the channels of a group, so the standardisation's backward
+    takes its two means of dL/dx_hat = gy * weight (not of gy), per (image, group).
+    """
+
+    def __init__(self, groups, eps):
+        self.groups, self.eps = groups, eps
+
+    def forward(self, x, weight, bias):
+        xp = get_array_module(x)
+        n, c, g = x.shape[0], x.shape[1], self.groups
+        x4 = x.reshape(n, g, c // g, -1)                                         # (N, G, C/G, L)
+        count = x4.shape[2] * x4.shape[3]
+        mean = xp.einsum("ngjl->ng", x4) / count
+        centred = x4 - mean[:, :, None, None]
+        var = xp.einsum("ngjl,ngjl->ng", centred, centred) / count              # biased variance
+        self.inv_std = 1 / xp.sqrt(var + self.eps)                              # (N, G)
+        self.x_hat = centred
+        self.x_hat *= self.inv_std[:, :, None, None]                            # in place: centred is not needed
+        self.weight = weight.reshape(g, c // g)
+        y = self.x_hat * self.weight[:, :, None]
+        y += bias.reshape(g, c // g)[:, :, None]
+        return y.reshape(x.shape)
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        gy4 = gy.reshape(self.x_hat.shape)
+        count = gy4.shape[2] * gy4.shape[3]
+        gb = xp.einsum("ngjl->gj", gy4).reshape(-1)                             # dL/dbias, per channel
+        gw = xp.einsum("ngjl,ngjl->gj", gy4, self.x_hat).reshape(-1)            # dL/dweight
+        # The standardisation's backward (see BatchNormTraining) with g = dL/dx_hat = gy * weight, the means over
+        # each (image, group).
+        g_hat = gy4 * self.weight[:, :, None]
+        mean_g = xp.einsum("ngjl->ng", g_hat) / count
+        mean_g_xhat = xp.einsum("ngjl,ngjl->ng", g_hat, self.x_hat) / count
+        gx = self.x_hat * mean_g_xhat[:, :, None, None]
+        xp.subtract(g_hat, gx, out=gx)
+        gx -= mean_g[:, :, None, None]
+        gx *= self.inv_std[:, :, None, None]
+        return gx.reshape(gy.shape), gw, gb
 
 def _affine(y, weight, bias):
     """Scale and shift each channel of y (N, C, ...) by weight (C,) and bias (C,)."""
@@ -130,6 +156,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     n, c = input.shape[:2]
     if c % num_groups:
         raise ValueError(f"group_norm: {c} channels cannot be split into {num_groups} groups")
-    grouped = reshape(input, (n, num_groups, -1))
-    y = reshape(Standardize((2,), python_number(eps))(grouped), input.shape)
-    return _affine(y, weight, bias)
+    xp = get_array_module(input.data if isinstance(input, Tensor) else input)
+    weight = xp.ones(c, dtype=input.dtype) if weight is None else weight      # no scale: 1, no shift: 0
+    bias = xp.zeros(c, dtype=input.dtype) if bias is None else bias
+    return GroupNorm(num_groups, python_number(eps))(input, weight, bias)
