@@ -120,7 +120,8 @@ print("im2col equals the loops")
 # `minidet/functional/conv.py` does im2col without the tap loop: `window_view` builds every window as a strided
 # *view* of the padded input, of shape (N, C, KH, KW, OH, OW), which costs no copy; one `reshape` then copies it
 # into the columns. Its `backward` is the transposed story: the gradient of the columns is `weights.T @ dL/dy`, and
-# *col2im* adds each column back onto the pixels it was read from.
+# *col2im* adds each column back onto the pixels it was read from (for stride 1 there is a faster way to the same
+# gradient: section 4).
 
 # %%
 y_md = F.conv2d(md.tensor(x), md.tensor(w), md.tensor(b), stride=STRIDE, padding=PAD)
@@ -151,6 +152,27 @@ t_loops = best_of(lambda: conv2d_loops(x, w, b, STRIDE, PAD))
 t_im2col = best_of(lambda: w.reshape(OC, -1) @ im2col(x, KH, KW, STRIDE, PAD)[0])
 t_md = best_of(lambda: F.conv2d(xt, wt, bt, stride=STRIDE, padding=PAD))
 print(f"loops {t_loops * 1e3:.2f} ms, im2col {t_im2col * 1e3:.3f} ms, F.conv2d {t_md * 1e3:.3f} ms")
+
+# %% [markdown]
+# ## 4. The backward: the input's gradient is a convolution too
+#
+# Each input pixel fed the outputs whose windows covered it, through the weight at its place in each window. For
+# stride 1 that reads, with $g = \partial L / \partial y$:
+# $\partial L / \partial x_{\text{padded}}[n, c, r, s] = \sum_{o, k, l} w[o, c, k, l] \; g[n, o, r - k, s - l]$,
+# which is a convolution of $g$ (zero outside the output) with the kernel **flipped** in both directions and its
+# input and output channels swapped. Padding $g$ by KH - 1 - PH gives the gradient of x itself. So one im2col and
+# one matrix product give it, where col2im adds KH x KW column-sized slices; `F.conv2d` does it this way for
+# stride 1 (and keeps col2im for strides, where this identity would need zeros between g's values).
+
+# %%
+xt1 = md.tensor(x, requires_grad=True)
+y1 = F.conv2d(xt1, md.tensor(w), stride=1, padding=PAD)
+g = rng.standard_normal(y1.shape)
+y1.backward(g)
+w_flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)          # (C, O, KH, KW): flipped, in and out swapped
+gx_by_convolution = conv2d_loops(g, w_flipped, np.zeros(C), 1, KH - 1 - PAD)
+assert_close(xt1.grad, gx_by_convolution, rtol=1e-12, name="dL/dx vs the flipped-kernel convolution")
+print(f"dL/dx {xt1.grad.shape}: F.conv2d's backward equals g convolved with the flipped kernel")
 
 # %% [markdown]
 # ## The picture: one window becomes one column
