@@ -151,6 +151,8 @@ def config_from_flags(flags_of=None, **settings):
 
 
 def demo(args):
+    """`minidet demo`: train the small model on synthetic shapes, score it on held-out ones, write pictures and
+    report.md."""
     check_flags(args, "val_images")
     started = time.perf_counter()
     config = config_from_flags({"num_images": "--train-images", "data_seed": "--seed"},
@@ -192,6 +194,7 @@ def demo(args):
 
 
 def make_shapes(args):
+    """`minidet make-shapes`: write the synthetic data as a COCO-format folder."""
     check_flags(args, "num_images")
     if os.path.exists(os.path.join(args.out, "annotations.json")):
         raise FileExistsError(f"{args.out!r} already holds a dataset (annotations.json); choose another folder "
@@ -204,6 +207,7 @@ def make_shapes(args):
 
 
 def train_command(args):
+    """`minidet train`: the flags given become a TrainConfig (the others keep its defaults), then ``train``."""
     fields = {field.name for field in dataclasses.fields(TrainConfig)}
     # A flag not given is None and leaves TrainConfig's default; --min-size and --max-size are absent when not
     # given, so their "none" (None) is a value.
@@ -224,6 +228,7 @@ def train_command(args):
 
 
 def evaluate_command(args):
+    """`minidet evaluate`: COCO mAP of a checkpoint on a dataset, with pictures."""
     check_flags(args, "num_images", "batch_size")
     model, config = load_trained_model(args.checkpoint, device=args.device)
     dataset = dataset_from_args(args, config, held_out=True)
@@ -231,6 +236,7 @@ def evaluate_command(args):
 
 
 def detect(args):
+    """`minidet detect`: a checkpoint's detections in image files, drawn and as JSON."""
     check_flags(args, "batch_size", "score_thresh")
     paths = image_paths(args.images)
     model, config = load_trained_model(args.checkpoint, device=args.device)
@@ -256,6 +262,7 @@ def detect(args):
 
 
 def inspect_anchors(args):
+    """`minidet inspect-anchors`: how many of a dataset's boxes the anchors can match, with pictures."""
     check_flags(args, "num_images", "show")
     dataset = dataset_from_args(args)
     settings = dict(anchor_sizes=args.anchor_sizes, aspect_ratios=args.aspect_ratios,
@@ -276,6 +283,7 @@ def inspect_anchors(args):
 
 
 def convert(args):
+    """`minidet convert`: torchvision's state dict (.pth) as a minidet checkpoint (.npz)."""
     if args.eps < 0:
         raise ValueError(f"--eps must be 0 or more, got {args.eps}")
     if not os.path.isfile(args.weights):
@@ -467,29 +475,34 @@ def add_train_flags(parser):
                             "(default: 0)")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="minidet", description="RetinaNet from scratch, for learning.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="minidet COMMAND --help explains each command's flags.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_shapes_flags(parser, seed_help, size_help="side of the images in pixels"):
+    """--image-size and --seed of the built-in shapes data, for the commands that draw it."""
+    parser.add_argument("--image-size", type=int, default=_default("image_size"),
+                        help=f"{size_help} (default: {_default('image_size')})")
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
 
+
+def add_out_flag(parser, default, what):
+    parser.add_argument("--out", default=default, help=f"the folder for {what} (default: {default})")
+
+
+def add_demo(commands):
     p = commands.add_parser("demo", help="train a detector on synthetic shapes, evaluate it, draw pictures",
                             description="Generate synthetic shapes, train a small RetinaNet on the CPU, evaluate "
                                         "it (COCO mAP) on held-out images, and write pictures and report.md. "
                                         "With the defaults it takes a few minutes on a laptop.")
-    p.add_argument("--out", default="minidet-demo", help="the folder for the checkpoint, pictures and report "
-                                                         "(default: minidet-demo)")
+    add_out_flag(p, "minidet-demo", "the checkpoint, pictures and report")
     p.add_argument("--train-images", type=int, default=_default("num_images"),
                    help=f"training images (default: {_default('num_images')})")
     p.add_argument("--val-images", type=int, default=200, help="held-out images to evaluate on (default: 200)")
     p.add_argument("--epochs", type=int, default=_default("epochs"),
                    help=f"passes over the training images (default: {_default('epochs')})")
-    p.add_argument("--image-size", type=int, default=_default("image_size"),
-                   help=f"side of the images in pixels (default: {_default('image_size')})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and the initial weights (default: 0)")
+    add_shapes_flags(p, "seed of the data and the initial weights")
     add_device_flag(p)
     p.set_defaults(run=demo)
 
+
+def add_make_shapes(commands):
     p = commands.add_parser("make-shapes", help="write synthetic shapes as a COCO-format folder",
                             description="Write the built-in synthetic data as OUT/images/*.png and "
                                         "OUT/annotations.json. Training on it gives the same model as training "
@@ -497,14 +510,14 @@ def build_parser():
     p.add_argument("out", metavar="OUT", help="the folder to create (it must not already hold a dataset)")
     p.add_argument("--num-images", type=int, default=_default("num_images"),
                    help=f"how many images (default: {_default('num_images')})")
-    p.add_argument("--image-size", type=int, default=_default("image_size"),
-                   help=f"side of the images in pixels (default: {_default('image_size')})")
+    add_shapes_flags(p, "the data's seed")
     p.add_argument("--object-sizes", type=int, nargs=2, metavar=("MIN", "MAX"),
                    help="the objects' sizes in pixels, e.g. 10 40 for small objects (default: 24 to 0.8 x the "
                         "image size)")
-    p.add_argument("--seed", type=int, default=0, help="the data's seed (default: 0)")
     p.set_defaults(run=make_shapes)
 
+
+def add_train(commands):
     p = commands.add_parser("train", help="train a RetinaNet on a COCO-format folder or on synthetic shapes",
                             description="Train a RetinaNet. Writes OUT/last.npz (each epoch, atomically), "
                                         "OUT/metrics.jsonl (a line per step) and OUT/loss.png.")
@@ -519,25 +532,29 @@ def build_parser():
     add_train_flags(p)
     p.set_defaults(run=train_command)
 
+
+def add_evaluate(commands):
     p = commands.add_parser("evaluate", help="COCO mAP of a trained checkpoint, with pictures",
                             description="Score a checkpoint of `minidet train` with COCO's mAP (pycocotools): "
                                         "prints AP, AP50, AP75 and per-class AP, writes metrics.json, "
                                         "precision_recall.png and detections.png.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.npz written by minidet train or demo")
     add_data_flags(p, "held-out shapes drawn like the checkpoint's training data", num_images=200)
-    p.add_argument("--out", default="runs/evaluate", help="the folder for the results (default: runs/evaluate)")
+    add_out_flag(p, "runs/evaluate", "the results")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     add_size_flags(p, "the checkpoint's, as it trained")
     add_device_flag(p)
     p.set_defaults(run=evaluate_command)
 
+
+def add_detect(commands):
     p = commands.add_parser("detect", help="find objects in images: PNGs with boxes, and a JSON",
                             description="Run a trained checkpoint on image files (or folders of them); write one "
                                         "PNG per image with boxes, class names and scores, and detections.json "
                                         "(boxes as x1, y1, x2, y2 in the image's pixels).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a last.npz written by minidet train or demo")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files (PNG, JPEG, ...) or folders of them")
-    p.add_argument("--out", default="runs/detect", help="the folder for the results (default: runs/detect)")
+    add_out_flag(p, "runs/detect", "the results")
     p.add_argument("--score-thresh", type=float, default=0.3,
                    help="keep detections scoring above this (default: 0.3)")
     add_size_flags(p, "the checkpoint's, as it trained")
@@ -545,15 +562,15 @@ def build_parser():
     add_device_flag(p)
     p.set_defaults(run=detect)
 
+
+def add_inspect_anchors(commands):
     p = commands.add_parser("inspect-anchors", help="do the anchors fit a dataset's boxes?",
                             description="For each box of a dataset, its best IoU with any anchor: prints the "
                                         "share that no anchor can match at IoU 0.5, writes anchor_report.png "
                                         "(box sizes against anchor sizes) and matched_anchors.png (the anchors "
                                         "each box gets, worst images first).")
     add_data_flags(p, "the built-in synthetic shapes")
-    p.add_argument("--image-size", type=int, default=_default("image_size"),
-                   help=f"without --data: side of the shapes images (default: {_default('image_size')})")
-    p.add_argument("--seed", type=int, default=0, help="without --data: the shapes' seed (default: 0)")
+    add_shapes_flags(p, "without --data: the shapes' seed", size_help="without --data: side of the shapes images")
     p.add_argument("--preset", choices=["paper", "torchvision"], default="paper",
                    help="whose anchors and matching (default: paper)")
     p.add_argument("--anchor-sizes", type=numbers, help="the anchors to check: base sizes on P3-P7, e.g. "
@@ -562,9 +579,11 @@ def build_parser():
                                                           "the preset's)")
     add_size_flags(p, f"training's, {_default('min_size')} and {_default('max_size')}")
     p.add_argument("--show", type=int, default=8, help="images in matched_anchors.png (default: 8)")
-    p.add_argument("--out", default="runs/anchors", help="the folder for the pictures (default: runs/anchors)")
+    add_out_flag(p, "runs/anchors", "the pictures")
     p.set_defaults(run=inspect_anchors)
 
+
+def add_convert(commands):
     p = commands.add_parser(
         "convert", help="convert torchvision's RetinaNet, VGG or EfficientNet weights (.pth) to minidet's (.npz)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -589,6 +608,19 @@ def build_parser():
                         "(default: 0.0, right for torchvision's published COCO weights; 1e-5 for "
                         "weights of a model torchvision built with its default FrozenBatchNorm2d eps)")
     p.set_defaults(run=convert)
+
+
+COMMANDS = [add_demo, add_make_shapes, add_train, add_evaluate, add_detect, add_inspect_anchors, add_convert]
+
+
+def build_parser():
+    """The ``minidet`` command line: one sub-command per function of ``COMMANDS``, each with --debug."""
+    parser = argparse.ArgumentParser(prog="minidet", description="RetinaNet from scratch, for learning.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="minidet COMMAND --help explains each command's flags.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in COMMANDS:
+        add_command(commands)
     for command in commands.choices.values():
         command.add_argument("--debug", action="store_true",
                              help="on an error, show Python's full traceback instead of one line")
