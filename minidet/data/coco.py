@@ -149,39 +149,47 @@ class CocoDataset:
 
     def __init__(self, source, on_error="fail"):
         _check_on_error(on_error, "CocoDataset")
-        if isinstance(source, (tuple, list)):
-            images_dir, annotations_path = (os.fspath(p) for p in source)
-        else:
-            images_dir = os.path.join(source, "images")
-            annotations_path = os.path.join(source, "annotations.json")
-        if not os.path.isfile(annotations_path):
-            raise FileNotFoundError(f"CocoDataset: annotations file {annotations_path!r} does not exist; give a "
-                                    "folder holding images/ and annotations.json, or (images_dir, annotations_json)")
-        if not os.path.isdir(images_dir):
-            raise FileNotFoundError(f"CocoDataset: images folder {images_dir!r} does not exist")
+        images_dir, annotations_path = _dataset_paths(source)
         self.images_dir, self.annotations_path, self.on_error = images_dir, annotations_path, on_error
         coco = _read_annotations(annotations_path)
+        self.problems, self.notes = [], []
+        label_of = self._read_categories(coco["categories"])
+        images, duplicates = self._read_images(coco["images"])
+        boxes, labels = self._read_boxes(coco, images, duplicates, label_of)
+        report_problems(self.problems, annotations_path, on_error)
+        if self.notes:
+            warnings.warn(f"{annotations_path}: skipped {len(self.notes)} crowd annotations (iscrowd=1); "
+                          "see dataset.notes", stacklevel=2)
 
-        ids = [c.get("id") for c in coco["categories"]]
+        self.image_ids = tuple(images)
+        self.file_names = tuple(os.path.join(images_dir, images[i]["file_name"]) for i in self.image_ids)
+        self.sizes = tuple((images[i]["height"], images[i]["width"]) for i in self.image_ids)
+        self.targets = tuple({"boxes": np.array(boxes[i], dtype=np.float32).reshape(-1, 4),
+                              "labels": np.array(labels[i], dtype=np.int64)} for i in self.image_ids)
+
+    def _read_categories(self, categories):
+        """Set ``category_ids`` and ``classes`` (by increasing id); returns {COCO category id: label}."""
+        ids = [c.get("id") for c in categories]
         if not all(isinstance(i, int) for i in ids) or len(set(ids)) != len(ids):
-            raise ValueError(f"{annotations_path}: every category needs a distinct integer 'id' (and a 'name'); "
-                             f"got ids {ids}")
-        names = [str(c.get("name", c["id"])) for c in coco["categories"]]
+            raise ValueError(f"{self.annotations_path}: every category needs a distinct integer 'id' (and a "
+                             f"'name'); got ids {ids}")
+        names = [str(c.get("name", c["id"])) for c in categories]
         if len(set(names)) != len(names):
             twice = sorted({name for name in names if names.count(name) > 1})
-            raise ValueError(f"{annotations_path}: the category names {twice} are given to more than one id; each "
-                             "class needs its own name")
-        categories = sorted(coco["categories"], key=lambda c: c["id"])
+            raise ValueError(f"{self.annotations_path}: the category names {twice} are given to more than one id; "
+                             "each class needs its own name")
+        categories = sorted(categories, key=lambda c: c["id"])
         self.category_ids = tuple(int(c["id"]) for c in categories)
         self.classes = tuple(str(c.get("name", c["id"])) for c in categories)
-        label_of = {cid: k for k, cid in enumerate(self.category_ids)}
+        return {cid: k for k, cid in enumerate(self.category_ids)}
 
-        self.problems, self.notes = [], []
-        images = {}                                                   # image id -> its entry, in file order
-        duplicates = set()                                            # image ids given to more than one entry
-        for index, entry in enumerate(coco["images"]):
+    def _read_images(self, entries):
+        """The usable images, {id: entry} in file order, and the ids given to more than one entry; the others
+        join ``problems`` (a missing or unreadable file, a wrong size, a shared id)."""
+        images, duplicates = {}, set()
+        for index, entry in enumerate(entries):
             where = f"image {index} (id {entry.get('id')}, {entry.get('file_name')!r})"
-            path = os.path.join(images_dir, str(entry.get("file_name")))
+            path = os.path.join(self.images_dir, str(entry.get("file_name")))
             if entry.get("id") in images or entry.get("id") in duplicates:
                 duplicates.add(entry.get("id"))
                 self.problems.append(f"{where}: another image has the id {entry.get('id')} too")
@@ -197,6 +205,11 @@ class CocoDataset:
                     images[entry["id"]] = entry
         for image_id in duplicates:             # which of the entries is right cannot be known: none is used
             images.pop(image_id, None)
+        return images, duplicates
+
+    def _read_boxes(self, coco, images, duplicates, label_of):
+        """Each usable image's boxes and labels, {image id: list}; bad annotations join ``problems``, crowd
+        annotations ``notes``."""
         known_image_ids = {entry.get("id") for entry in coco["images"]}
         boxes = {image_id: [] for image_id in images}
         labels = {image_id: [] for image_id in images}
@@ -226,16 +239,7 @@ class CocoDataset:
                 continue
             boxes[image_id].append(box)
             labels[image_id].append(label_of[ann["category_id"]])
-        report_problems(self.problems, annotations_path, on_error)
-        if self.notes:
-            warnings.warn(f"{annotations_path}: skipped {len(self.notes)} crowd annotations (iscrowd=1); "
-                          "see dataset.notes", stacklevel=2)
-
-        self.image_ids = tuple(images)
-        self.file_names = tuple(os.path.join(images_dir, images[i]["file_name"]) for i in self.image_ids)
-        self.sizes = tuple((images[i]["height"], images[i]["width"]) for i in self.image_ids)
-        self.targets = tuple({"boxes": np.array(boxes[i], dtype=np.float32).reshape(-1, 4),
-                              "labels": np.array(labels[i], dtype=np.int64)} for i in self.image_ids)
+        return boxes, labels
 
     def __len__(self):
         return len(self.image_ids)
@@ -251,6 +255,21 @@ class CocoDataset:
 
     def __repr__(self):
         return f"CocoDataset({self.annotations_path!r}, {len(self)} images, classes={self.classes})"
+
+
+def _dataset_paths(source):
+    """(images folder, annotations file) of a dataset folder or of a pair; both must exist."""
+    if isinstance(source, (tuple, list)):
+        images_dir, annotations_path = (os.fspath(p) for p in source)
+    else:
+        images_dir = os.path.join(source, "images")
+        annotations_path = os.path.join(source, "annotations.json")
+    if not os.path.isfile(annotations_path):
+        raise FileNotFoundError(f"CocoDataset: annotations file {annotations_path!r} does not exist; give a "
+                                "folder holding images/ and annotations.json, or (images_dir, annotations_json)")
+    if not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"CocoDataset: images folder {images_dir!r} does not exist")
+    return images_dir, annotations_path
 
 
 def _read_annotations(path):
