@@ -614,99 +614,46 @@ def train(config=None, dataset=None, resume=False):
     world = distributed.world(config.device)
     config = fit_anchors_if_needed(config, dataset, report=world.is_root)
     os.makedirs(config.out, exist_ok=True)
-    checkpoint_path = os.path.join(config.out, "last.npz")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
     if world.is_root:
         _remove_unfinished_writes(config.out)
 
     global_batch = config.batch_size * world.size          # each worker takes batch_size images of each step
     steps_per_epoch = math.ceil(len(dataset) / global_batch)
-    total_steps = config.epochs * steps_per_epoch
-    model = build_model(config)
-    optimizer = build_optimizer(config, model)
-    schedule = build_schedule(config, optimizer, total_steps)
-    rng = np.random.default_rng(config.seed)
-    step, start_epoch, start_batch, order, loss_yardstick = 0, 0, 0, None, None
+    run = _Run.start(config, world, dataset, total_steps=config.epochs * steps_per_epoch)
+    start_epoch, start_batch = 0, 0
     if resume:
-        step, start_epoch, start_batch, order, loss_yardstick = _resume(config, world, model, optimizer, schedule,
-                                                                        rng)
+        run.step, start_epoch, start_batch, run.order, run.guard.yardstick = _resume(
+            config, world, run.model, run.optimizer, run.schedule, run.rng)
     elif world.is_root:
         # A fresh run in a folder replaces the run there: its log and its checkpoint go now, so that a later resume
         # can never continue the old checkpoint with the new log.
-        for old in (metrics_path, checkpoint_path):
+        for old in (metrics_path, run.checkpoint_path):
             if os.path.exists(old):
                 os.remove(old)
 
-    def save_checkpoint(next_epoch, next_batch):
-        """Write last.npz; the next step is batch ``next_batch`` of epoch ``next_epoch``."""
-        # Weights can overflow in an update even when the gradients were finite: never save those.
-        for name, p in model.named_parameters():
-            largest = float(abs(p.data).max())        # NaN if any weight is NaN, inf if any is infinite
-            if not math.isfinite(largest):
-                epoch_of_step = next_epoch if next_batch else next_epoch - 1
-                raise TrainingDiverged(_divergence_message(f"largest weight of {name} after the update", largest,
-                                                           step, epoch_of_step, optimizer.param_groups[0]["lr"],
-                                                           checkpoint_path))
-        if world.is_root:
-            save(checkpoint_state(config, model, optimizer, schedule, rng, step, next_epoch, next_batch, order,
-                                  loss_yardstick, workers=world.size), checkpoint_path)
-
-    model.train()
-    parameters = model.parameters()
-    bar = progress_bar(config.progress and world.is_root, total=total_steps, initial=step, unit="step",
+    bar = progress_bar(config.progress and world.is_root, total=run.total_steps, initial=run.step, unit="step",
                        dynamic_ncols=True)
     try:
         with open(metrics_path if world.is_root else os.devnull, "a", encoding="utf-8") as metrics_file:
             for epoch in range(start_epoch, config.epochs):
-                if order is None:
-                    order = rng.permutation(len(dataset))
+                if run.order is None:
+                    run.order = run.rng.permutation(len(dataset))
                 bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
                 for batch_index in range(start_batch, steps_per_epoch):
-                    started = time.perf_counter()
-                    lr = optimizer.param_groups[0]["lr"]
-                    batch = order[batch_index * global_batch:(batch_index + 1) * global_batch]
-                    draws = draw_augmentations(rng, len(batch), config.multiscale_sizes)   # the whole batch's
-                    mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
-                    optimizer.zero_grad()
-                    losses = _worker_losses(model, dataset, batch[mine], draws[mine], config, world)
-                    loss_value = losses["loss"]
-                    if not math.isfinite(loss_value):
-                        raise TrainingDiverged(_divergence_message("loss", loss_value, step + 1, epoch, lr,
-                                                                   checkpoint_path))
-                    if loss_yardstick is None:
-                        loss_yardstick = max(loss_value, MIN_LOSS_YARDSTICK)
-                    if loss_value > EXPLOSION_FACTOR * loss_yardstick:
-                        raise TrainingDiverged(_divergence_message(
-                            "loss", f"{loss_value:.4g}, over {EXPLOSION_FACTOR} times where it started "
-                            f"({loss_yardstick:.4g})", step + 1, epoch, lr, checkpoint_path))
-                    if config.clip_grad_norm is not None:
-                        norm = clip_grad_norm(parameters, config.clip_grad_norm)
-                    else:
-                        norm = grad_norm(parameters)
-                    if not math.isfinite(norm):
-                        raise TrainingDiverged(_divergence_message("gradient norm", norm, step + 1, epoch, lr,
-                                                                   checkpoint_path))
-                    optimizer.step()
-                    schedule.step()
-                    step += 1
-
-                    row = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_value,
-                           "classification": losses["classification"], "box_regression": losses["box_regression"],
-                           "num_positive": losses["num_positive"], "num_ignored": losses["num_ignored"],
-                           "num_negative": losses["num_negative"], "grad_norm": norm,
-                           "seconds": time.perf_counter() - started}
-                    if step % config.log_every == 0:
+                    row = run.train_step(epoch, run.order[batch_index * global_batch:(batch_index + 1) * global_batch])
+                    if run.step % config.log_every == 0:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
                     bar.set_postfix({"cls": f"{row['classification']:.3f}", "box": f"{row['box_regression']:.3f}",
                                      "pos": row["num_positive"], "ign": row["num_ignored"],
                                      "neg": row["num_negative"]})      # a dict keeps this order
                     bar.update()
-                    if (config.checkpoint_every and step % config.checkpoint_every == 0
+                    if (config.checkpoint_every and run.step % config.checkpoint_every == 0
                             and batch_index + 1 < steps_per_epoch):
-                        save_checkpoint(epoch, batch_index + 1)
-                order, start_batch = None, 0
-                save_checkpoint(epoch + 1, 0)
+                        run.save_checkpoint(epoch, batch_index + 1)
+                run.order, start_batch = None, 0
+                run.save_checkpoint(epoch + 1, 0)
     except BaseException as error:
         if world.size > 1:
             world.abort(error)
@@ -714,7 +661,104 @@ def train(config=None, dataset=None, resume=False):
     finally:
         bar.close()
     metrics = world.broadcast(_read_metrics(metrics_path) if world.is_root else None)    # the first worker's log
-    return TrainResult(model, config.out, metrics, config)
+    return TrainResult(run.model, config.out, metrics, config)
+
+
+class _DivergenceGuard:
+    """Stops a run whose loss, gradient norm or weights stop being finite, or whose loss explodes (over
+    ``EXPLOSION_FACTOR`` times the first step's, at least ``MIN_LOSS_YARDSTICK``: the yardstick, kept in the
+    checkpoint so a resumed run compares with the same): ``TrainingDiverged``, raised before the update or the
+    checkpoint that would keep the bad values, so ``last.npz`` stays the last good state."""
+
+    def __init__(self, checkpoint_path, yardstick=None):
+        self.checkpoint_path, self.yardstick = checkpoint_path, yardstick
+
+    def _diverged(self, what, value, step, epoch, lr):
+        return TrainingDiverged(_divergence_message(what, value, step, epoch, lr, self.checkpoint_path))
+
+    def check_loss(self, loss, step, epoch, lr):
+        if not math.isfinite(loss):
+            raise self._diverged("loss", loss, step, epoch, lr)
+        if self.yardstick is None:
+            self.yardstick = max(loss, MIN_LOSS_YARDSTICK)
+        if loss > EXPLOSION_FACTOR * self.yardstick:
+            raise self._diverged("loss", f"{loss:.4g}, over {EXPLOSION_FACTOR} times where it started "
+                                 f"({self.yardstick:.4g})", step, epoch, lr)
+
+    def check_gradient_norm(self, norm, step, epoch, lr):
+        if not math.isfinite(norm):
+            raise self._diverged("gradient norm", norm, step, epoch, lr)
+
+    def check_weights(self, model, step, epoch, lr):
+        # Weights can overflow in an update even when the gradients were finite.
+        for name, p in model.named_parameters():
+            largest = float(abs(p.data).max())        # NaN if any weight is NaN, inf if any is infinite
+            if not math.isfinite(largest):
+                raise self._diverged(f"largest weight of {name} after the update", largest, step, epoch, lr)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A training run under way: what it trains, how far it is, one step of it and its checkpoint."""
+
+    config: TrainConfig
+    world: object
+    dataset: object
+    model: RetinaNet
+    optimizer: object
+    schedule: object
+    rng: np.random.Generator
+    guard: _DivergenceGuard
+    total_steps: int
+    step: int = 0                 # optimizer steps done
+    order: np.ndarray = None      # this epoch's order of the images, None until it is drawn
+
+    @property
+    def checkpoint_path(self):
+        return self.guard.checkpoint_path
+
+    @classmethod
+    def start(cls, config, world, dataset, total_steps):
+        """A new run: the model with fresh weights from the seed, its optimizer and schedule."""
+        model = build_model(config)
+        optimizer = build_optimizer(config, model)
+        guard = _DivergenceGuard(os.path.join(config.out, "last.npz"))
+        run = cls(config, world, dataset, model, optimizer, build_schedule(config, optimizer, total_steps),
+                  np.random.default_rng(config.seed), guard, total_steps)
+        model.train()
+        return run
+
+    def train_step(self, epoch, batch):
+        """One optimizer step on the image indices ``batch`` (the global batch; this worker takes its share).
+        Returns its row of ``metrics.jsonl``."""
+        config, world = self.config, self.world
+        started = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        draws = draw_augmentations(self.rng, len(batch), config.multiscale_sizes)   # the whole batch's draws
+        mine = slice(world.rank * config.batch_size, (world.rank + 1) * config.batch_size)
+        self.optimizer.zero_grad()
+        losses = _worker_losses(self.model, self.dataset, batch[mine], draws[mine], config, world)
+        self.guard.check_loss(losses["loss"], self.step + 1, epoch, lr)
+        parameters = self.model.parameters()
+        if config.clip_grad_norm is not None:
+            norm = clip_grad_norm(parameters, config.clip_grad_norm)
+        else:
+            norm = grad_norm(parameters)
+        self.guard.check_gradient_norm(norm, self.step + 1, epoch, lr)
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        return {"step": self.step, "epoch": epoch, "lr": lr, **losses, "grad_norm": norm,
+                "seconds": time.perf_counter() - started}
+
+    def save_checkpoint(self, next_epoch, next_batch):
+        """Write last.npz (the first worker); the next step is batch ``next_batch`` of epoch ``next_epoch``."""
+        epoch_of_step = next_epoch if next_batch else next_epoch - 1
+        self.guard.check_weights(self.model, self.step, epoch_of_step, self.optimizer.param_groups[0]["lr"])
+        if self.world.is_root:
+            save(checkpoint_state(self.config, self.model, self.optimizer, self.schedule, self.rng, self.step,
+                                  next_epoch, next_batch, self.order, self.guard.yardstick, workers=self.world.size),
+                 self.checkpoint_path)
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingDiverged", "train", "fit_anchors_if_needed", "build_model",
