@@ -64,7 +64,7 @@ __host__ __device__ __forceinline__ FocalLossTerm<T> focal_loss_term_of_label(T 
 // Where a thread is in the (A, K) logits as it steps through them `stride` elements at a time: the flat index
 // i = anchor * K + k, and the anchor and class it belongs to. Found with one division at the start; each step is
 // then an addition and a carry (an integer division costs about 20 instructions on a GPU).
-struct ElementIndex {
+struct ElementCursor {
     unsigned int i;
     unsigned int anchor;
     int k;
@@ -72,7 +72,7 @@ struct ElementIndex {
     int stride_classes;           // and the class by this many (with a carry into the anchor)
     int num_classes;
 
-    __host__ __device__ ElementIndex(unsigned int first, unsigned int stride, int num_classes)
+    __host__ __device__ ElementCursor(unsigned int first, unsigned int stride, int num_classes)
         : i(first),
           anchor(first / num_classes),
           k(static_cast<int>(first % num_classes)),

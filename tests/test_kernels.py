@@ -181,7 +181,7 @@ EXPORT(double, float64)
 // The first `steps` positions of a thread that starts at element `first` and steps by `stride`.
 extern "C" void element_index_walk(unsigned int first, unsigned int stride, int num_classes, int steps,
                                    unsigned int* i, unsigned int* anchor, int* k) {
-    ElementIndex at(first, stride, num_classes);
+    ElementCursor at(first, stride, num_classes);
     for (int s = 0; s < steps; ++s, at.advance(stride)) {
         i[s] = at.i;
         anchor[s] = at.anchor;
@@ -423,7 +423,7 @@ def test_focal_loss_of_labels_equals_the_reference(host, dtype):
     assert (terms[ignored] == 0).all() and (actual_grad[ignored] == 0).all()
 
 
-def test_element_index_steps_through_anchors_and_classes_without_dividing(host):
+def test_element_cursor_steps_through_anchors_and_classes_without_dividing(host):
     steps = 200
     for num_classes in (1, 3, 20, 80, 85, 1000):
         for stride in (1, 7, 256, 1000, 168_960, 1_081_344):

@@ -174,13 +174,13 @@ show_source(KERNELS / "block_sum.cuh", "__device__ __forceinline__ void add_bloc
 # ## Version 3: one division per thread, four loads in flight
 #
 # Each element of version 2 divides i by K, and an integer division costs about 20 instructions on a GPU. Version
-# 3 (`focal_loss.cu`) divides once, at the start, and then moves along with `ElementIndex` (in `focal_loss.cuh`): a
+# 3 (`focal_loss.cu`) divides once, at the start, and then moves along with `ElementCursor` (in `focal_loss.cuh`): a
 # step of S elements is S // K anchors and S % K classes, with a carry into the anchor when the class passes K. It
 # also loads 4 of its elements before it computes any, so that several logits are on their way from memory at once.
 # The walk in Python, checked against the division:
 
 # %%
-show_source(KERNELS / "focal_loss.cu", "minidet::ElementIndex at(", "while (at.i < num_elements) {")
+show_source(KERNELS / "focal_loss.cu", "minidet::ElementCursor at(", "while (at.i < num_elements) {")
 
 
 def walk(first, stride, num_classes, steps):
@@ -198,7 +198,7 @@ def walk(first, stride, num_classes, steps):
 for first, stride, num_classes in ((3, 8, 5), (255, 168_960, 80), (7, 1_081_344, 85)):
     expected = [divmod(first + s * stride, num_classes) for s in range(1000)]
     assert walk(first, stride, num_classes, 1000) == expected
-print("ElementIndex's walk (one division, then additions and a carry) equals i // K and i % K at every step")
+print("ElementCursor's walk (one division, then additions and a carry) equals i // K and i % K at every step")
 
 # %% [markdown]
 # ## The three versions, launched on the CPU, against NumPy

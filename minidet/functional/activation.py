@@ -7,7 +7,7 @@ logits (|x| = 100 is routine for a confident detector): every exponential is
 
 from minidet.autograd import Function
 from minidet.backend import get_array_module
-from minidet.functional.arithmetic import python_number
+from minidet.functional.arithmetic import as_python_scalar
 
 
 def stable_sigmoid(x):
@@ -138,4 +138,4 @@ def logsigmoid(x):
 def clamp(x, min=None, max=None):
     if min is None and max is None:
         raise ValueError("clamp: give min, max or both")
-    return Clamp(python_number(min), python_number(max))(x)
+    return Clamp(as_python_scalar(min), as_python_scalar(max))(x)

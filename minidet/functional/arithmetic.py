@@ -33,7 +33,7 @@ def _is_scalar(x):
     return not isinstance(x, Tensor) and np.ndim(x) == 0
 
 
-def python_number(value):
+def as_python_scalar(value):
     """A NumPy scalar as the equal Python number, which takes the array's dtype in arithmetic.
 
     NumPy 2 keeps a ``np.float64`` scalar's precision, so ``float32_array * np.float64(2)``
@@ -172,7 +172,7 @@ def pow(x, exponent):
     """``x ** exponent``; the exponent is a Python number."""
     if is_array(exponent) and np.ndim(exponent) > 0:
         raise TypeError("pow: the exponent must be a number, not an array")
-    return Pow(python_number(exponent))(x)
+    return Pow(as_python_scalar(exponent))(x)
 
 
 def matmul(a, b):

@@ -10,7 +10,7 @@ from minidet.autograd import Function, Tensor
 from minidet.backend import get_array_module, is_cupy_array
 from minidet.functional import reduction as reductions  # not sum and mean by name: they would hide the builtins
 from minidet.functional.activation import softplus
-from minidet.functional.arithmetic import python_number
+from minidet.functional.arithmetic import as_python_scalar
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -75,7 +75,7 @@ def smooth_l1_loss(input, target, reduction="mean", beta=1.0):
     _check("smooth_l1_loss", input, target, reduction)
     if beta < 0:
         raise ValueError(f"smooth_l1_loss: beta must be >= 0, got {beta}")
-    return _reduce(SmoothL1(python_number(beta))(input, target), reduction)
+    return _reduce(SmoothL1(as_python_scalar(beta))(input, target), reduction)
 
 
 def focal_loss_terms(x, t, alpha, gamma):
@@ -153,7 +153,7 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
         raise ValueError("sigmoid_focal_loss: targets must be constants; pass targets.detach()")
     if gamma < 0:
         raise ValueError(f"sigmoid_focal_loss: gamma must be >= 0, got {gamma}")
-    return _reduce(SigmoidFocalLoss(python_number(alpha), python_number(gamma))(inputs, targets), reduction)
+    return _reduce(SigmoidFocalLoss(as_python_scalar(alpha), as_python_scalar(gamma))(inputs, targets), reduction)
 
 
 # Per-anchor label codes of ``sigmoid_focal_loss_with_labels``, which minidet.matching's ``match_anchors`` also
@@ -265,5 +265,5 @@ def sigmoid_focal_loss_with_labels(logits, labels, weights=None, alpha=0.25, gam
                          f"got {tuple(weights.shape)}")
     if gamma < 0:
         raise ValueError(f"{name}: gamma must be >= 0, got {gamma}")
-    return SigmoidFocalLossWithLabels(python_number(alpha), python_number(gamma))(
+    return SigmoidFocalLossWithLabels(as_python_scalar(alpha), as_python_scalar(gamma))(
         logits, labels.astype("int32", copy=False), weights.astype(data.dtype, copy=False))
