@@ -10,7 +10,31 @@
 // counts (B,) int32, how many of an image's Gmax slots are real boxes (the rest are never read); the thresholds
 // high and low. Outputs: matches (B, A) int64 (the index of the anchor's box, or BACKGROUND -1, or IGNORED -2)
 // and ious (B, A), each anchor's best IoU. Same results as minidet.matching.match_anchors, bit for bit.
-//
+
+#include "float_bits.cuh"
+#include "iou_match.cuh"
+
+namespace {
+
+constexpr int BLOCK_SIZE = 256;  // anchors per block, and boxes per tile; minidet/cuda.py launches with this
+constexpr unsigned FULL_WARP = 0xffffffffu;
+
+// The largest of `value` over the 32 threads of a warp, in every thread of the warp.
+template <typename Bits>
+__device__ __forceinline__ Bits warp_max(Bits value) {
+    for (int offset = 16; offset > 0; offset /= 2) {
+        const Bits other = __shfl_xor_sync(FULL_WARP, value, offset);
+        value = other > value ? other : value;
+    }
+    return value;
+}
+
+template <typename T>
+__device__ __forceinline__ minidet::Box<T> load_box(const T* corners, long long index) {
+    const T* c = corners + 4 * index;
+    return minidet::make_box(c[0], c[1], c[2], c[3]);
+}
+
 // Which thread does what: one thread per (image, anchor). The grid is (ceil(A / 256), B): block (x, b) takes
 // image b and its 256 anchors x * 256, ..., x * 256 + 255. Each thread loops over the image's boxes, computes
 // the IoU with its anchor (box_iou in iou_match.cuh) and keeps the best IoU and its box (keep_best), then
@@ -36,37 +60,6 @@
 //     computes its anchor's IoUs again, with the same function, so they have the same bits as in pass 1, and
 //     if one of them equals its box's best (==, ties included), sets the anchor's match to its own best box.
 //     (Recomputing the IoUs is cheaper than storing the (B, A, Gmax) IoUs we set out not to build.)
-//
-// Bytes moved and work, for 8 images x 120,000 anchors x 50 boxes with low-quality matches: each pass reads
-// the anchors once per image (16 B x 120,000 x 8 = 15 MB, mostly from the L2 cache) and a few KB of boxes, and
-// the outputs are 12 B per (image, anchor), 11.5 MB: memory is not the limit. The work is 2 x 48 million IoUs
-// at about 15 operations each, plus, in pass 1, a warp reduction per (warp, box): the kernel is limited by
-// arithmetic and by the launches, and should take tens of microseconds on an H100. The IoU matrix it avoids
-// would take 8 x 120,000 x 50 x 4 B = 192 MB, and its temporaries several times that.
-#include "float_bits.cuh"
-#include "iou_match.cuh"
-
-namespace {
-
-constexpr int BLOCK_SIZE = 256;  // anchors per block, and boxes per tile; minidet/cuda.py launches with this
-constexpr unsigned FULL_WARP = 0xffffffffu;
-
-// The largest of `value` over the 32 threads of a warp, in every thread of the warp.
-template <typename Bits>
-__device__ __forceinline__ Bits warp_max(Bits value) {
-    for (int offset = 16; offset > 0; offset /= 2) {
-        const Bits other = __shfl_xor_sync(FULL_WARP, value, offset);
-        value = other > value ? other : value;
-    }
-    return value;
-}
-
-template <typename T>
-__device__ __forceinline__ minidet::Box<T> load_box(const T* corners, long long index) {
-    const T* c = corners + 4 * index;
-    return minidet::make_box(c[0], c[1], c[2], c[3]);
-}
-
 template <typename T>
 __device__ __forceinline__ void match_best_box(const T* __restrict__ anchors, const T* __restrict__ boxes,
                                                const int* __restrict__ counts, int num_anchors, int max_boxes,
@@ -153,6 +146,12 @@ __device__ __forceinline__ void promote_low_quality(const T* __restrict__ anchor
 
 }  // namespace
 
+// Bytes moved and work, for 8 images x 120,000 anchors x 50 boxes with low-quality matches: each pass reads
+// the anchors once per image (16 B x 120,000 x 8 = 15 MB, mostly from the L2 cache) and a few KB of boxes, and
+// the outputs are 12 B per (image, anchor), 11.5 MB: memory is not the limit. The work is 2 x 48 million IoUs
+// at about 15 operations each, plus, in pass 1, a warp reduction per (warp, box): the kernel is limited by
+// arithmetic and by the launches, and should take tens of microseconds on an H100. The IoU matrix it avoids
+// would take 8 x 120,000 x 50 x 4 B = 192 MB, and its temporaries several times that.
 extern "C" __global__ void __launch_bounds__(BLOCK_SIZE)
 match_best_box_float32(const float* anchors, const float* boxes, const int* counts, int num_anchors, int max_boxes,
                        float high, float low, int find_box_best, int* box_best, long long* matches, float* ious) {
