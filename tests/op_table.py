@@ -172,6 +172,9 @@ def _shape_ops():
             return [normal(rng, *shape) for shape in shapes], []
         yield Case(name, f"dim={dim}", lambda *ts, name=name, dim=dim: getattr(F, name)(list(ts), dim),
                    lambda torch, *ts, name=name, dim=dim: getattr(torch, name)(ts, dim), pieces)
+    yield Case("cat", "the same input twice", lambda a, b: F.cat([a, b, a], 1),
+               lambda torch, a, b: torch.cat([a, b, a], 1),
+               differentiable(lambda rng: normal(rng, 2, 3), lambda rng: normal(rng, 2, 1)))   # its gradients add
     for dim in [0, 1, 2, -1]:
         yield Case("stack", f"dim={dim}", lambda *ts, dim=dim: F.stack(list(ts), dim),
                    lambda torch, *ts, dim=dim: torch.stack(ts, dim),
@@ -221,7 +224,12 @@ def _convolution():
                                             ((5, 5), 1, 2, 1), ((3, 2), 1, (2, 1), 1)]:
         yield conv_case(f"kernel {kernel}, stride {stride}, padding {padding}, groups {groups}", (2, 4, 9, 6),
                         (6, 4 // groups, *kernel), True, stride=stride, padding=padding, groups=groups)
-    for kernel, stride, padding in [(2, None, 0), (2, 2, 1), (2, 1, 1), (3, None, 0), (3, 2, 1), (3, 1, 1), (3, 2, 0)]:
+    yield conv_case("kernel (3, 1), stride (2, 1), padding (1, 0), no bias", (2, 2, 6, 5), (3, 2, 3, 1), False,
+                    stride=(2, 1), padding=(1, 0))
+    # Stride 1 with a padding as wide as the kernel: the input's gradient by col2im, not by the flipped kernel.
+    yield conv_case("kernel (3, 1), stride 1, padding (1, 1)", (2, 4, 7, 5), (6, 4, 3, 1), True, padding=(1, 1))
+    for kernel, stride, padding in [(2, None, 0), (2, 2, 1), (2, 1, 1), (3, None, 0), (3, 2, 1), (3, 1, 1), (3, 2, 0),
+                                    (3, 1, 0)]:
         yield Case("max_pool2d", f"kernel {kernel}, stride {stride}, padding {padding}",
                    lambda t, k=kernel, s=stride, p=padding: F.max_pool2d(t, k, s, p),
                    lambda torch, t, k=kernel, s=stride, p=padding: torch.nn.functional.max_pool2d(t, k, s, p),
@@ -258,9 +266,9 @@ def _normalisation():
 
 def _losses():
     for reduction, weighted in itertools.product(["none", "mean", "sum"], [False, True]):
-        def domain(rng, weighted=weighted):
+        def domain(rng, weighted=weighted):      # the logits and the targets differentiable, the weight constant
             weight = [rng.uniform(0.1, 2.0, 4)] if weighted else []
-            return [normal(rng, 6, 4, scale=3)], [rng.uniform(0, 1, (6, 4))] + weight
+            return [normal(rng, 6, 4, scale=3), rng.uniform(0, 1, (6, 4))], weight
         yield Case("binary_cross_entropy_with_logits", reduction + (", weighted" if weighted else ""),
                    lambda x, t, *w, r=reduction: F.binary_cross_entropy_with_logits(x, t, *w, reduction=r),
                    lambda torch, x, t, *w, r=reduction: torch.nn.functional.binary_cross_entropy_with_logits(

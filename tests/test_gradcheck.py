@@ -60,9 +60,6 @@ def test_depthwise_conv2d_one_filter_per_channel(xp, rng, monkeypatch, stride, p
     gradcheck(lambda x, w: F.conv2d(x, w, stride=stride, padding=padding, groups=4), [x, w])
 
 
-
-
-
 def test_conv2d_strided_windows_from_phases_and_in_place_give_the_same_bits(rng):
     # A strided convolution gathers its windows from the input's phases when a run of the batch's values is shorter
     # than a cache line (few images), and from the input itself otherwise: one image at a time uses the first, the
@@ -110,11 +107,6 @@ def test_conv2d_input_gradient_by_flipped_kernel_equals_col2im(rng, kernel, padd
     gy_mat = gy.transpose(1, 2, 3, 0).reshape(groups, 6 // groups, -1)
     np.testing.assert_allclose(conv._input_gradient_by_flipped_kernel(gy), conv._col2im(gy_mat, *y.shape[2:]),
                                rtol=1e-12, atol=1e-12)
-
-
-
-
-
 
 
 def test_gradcheck_samples_large_inputs():

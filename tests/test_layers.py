@@ -48,7 +48,8 @@ MODULES = {module_name(path): path for path in sorted(ROOT.rglob("*.py"))}
 
 def imported_modules(path):
     """The minidet modules ``path`` imports: ``from minidet import backend`` is minidet.backend, ``from minidet
-    import tensor`` is the package itself."""
+    import tensor`` is the package itself. Relative imports are not read here: ``test_imports_are_absolute``
+    keeps them out."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "minidet":
@@ -62,6 +63,13 @@ def imported_modules(path):
 
 def package_of(name):
     return name.rsplit(".", 1)[0] if name.count(".") > 1 else name
+
+
+def test_imports_are_absolute():
+    relative = [f"{name}:{node.lineno}" for name, path in MODULES.items()
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                if isinstance(node, ast.ImportFrom) and node.level > 0]
+    assert not relative, f"relative imports (write them as from minidet.x import y): {relative}"
 
 
 def test_every_module_has_a_layer():

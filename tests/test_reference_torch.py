@@ -117,7 +117,6 @@ def test_check_catches_a_wrong_gradient():
         check(lambda x: ForgetfulExp()(x), torch.exp, [randn(0, 3, 4)])
 
 
-
 # --- every op of the table -----------------------------------------------------------------------------------------
 
 def run_case(index, case, grad=None):
@@ -134,16 +133,26 @@ def test_op_against_torch(index, case):
     run_case(index, case)
 
 
-SEVERAL_INPUTS = [(index, case) for index, case in enumerate(CASES)
-                  if len(case.inputs(np.random.default_rng(index))[0]) > 1]
+def constant_subsets(count):
+    """Which of ``count`` differentiable inputs keep their gradient: the first alone, all but the first, and for
+    three or more all but the second (a convolution's input and bias, its weights constant)."""
+    subsets = {"first only": (0,), "all but the first": tuple(range(1, count))}
+    if count > 2:
+        subsets["all but the second"] = (0, *range(2, count))
+    return subsets
 
 
-@pytest.mark.parametrize("grad", ["first only", "all but the first"])
-@pytest.mark.parametrize("index, case", SEVERAL_INPUTS, ids=[case.id for _, case in SEVERAL_INPUTS])
-def test_op_against_torch_with_some_inputs_constant(index, case, grad):
-    # An op must give the gradients asked for and no others: the weights' alone, or the input's and bias' alone.
-    count = len(case.inputs(np.random.default_rng(index))[0])
-    run_case(index, case, grad=(0,) if grad == "first only" else range(1, count))
+SOME_CONSTANT = [(index, case, label, grad) for index, case in enumerate(CASES)
+                 for label, grad in constant_subsets(len(case.inputs(np.random.default_rng(index))[0])).items()
+                 if len(case.inputs(np.random.default_rng(index))[0]) > 1]
+
+
+@pytest.mark.parametrize("index, case, label, grad", SOME_CONSTANT,
+                         ids=[f"{case.id}-{label}" for _, case, label, _ in SOME_CONSTANT])
+def test_op_against_torch_with_some_inputs_constant(index, case, label, grad):
+    # An op must give the gradients asked for and no others, whichever of its inputs are constants.
+    run_case(index, case, grad=grad)
+
 
 # --- arithmetic ----------------------------------------------------------------------------------------------------
 
@@ -301,15 +310,41 @@ def test_batch_norm_training_updates_running_stats_as_torch(shape, affine):
 
 # --- losses --------------------------------------------------------------------------------------------------------
 
-
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("beta", [0.11, 1.0, 0.0])
-def test_smooth_l1_loss_at_zero_differences(beta):
+def test_smooth_l1_loss_at_zero_differences(beta, reduction):
     # Where input equals target the slope is 0 on both sides, also for beta = 0 (plain L1, whose sign(0) is 0).
     x = randn(140, 5, 4)
     d = uniform(141, -3.0, 3.0, 5, 4) * (beta or 1.0)
     d.reshape(-1)[:3] = 0.0
-    check(lambda x, t: F.smooth_l1_loss(x, t, reduction="sum", beta=beta),
-          lambda x, t: TF.smooth_l1_loss(x, t, reduction="sum", beta=beta), [x, x - d])
+    check(lambda x, t: F.smooth_l1_loss(x, t, reduction=reduction, beta=beta),
+          lambda x, t: TF.smooth_l1_loss(x, t, reduction=reduction, beta=beta), [x, x - d])
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_binary_cross_entropy_with_logits_of_plus_minus_100(reduction, weighted):
+    # Logits a confident detector produces, both wrong and right, among ordinary ones; targets differentiable too.
+    x = with_extremes(randn(130, 6, 4, scale=3.0))
+    t = uniform(131, 0.0, 1.0, 6, 4)
+    t.reshape(-1)[:4] = [1.0, 0.0, 0.0, 1.0]   # +100 and -100 both wrong, then both right
+    weight = uniform(132, 0.1, 2.0, 4) if weighted else None
+    weight_t = None if weight is None else torch.from_numpy(weight)
+    check(lambda x, t: F.binary_cross_entropy_with_logits(x, t, weight=weight, reduction=reduction),
+          lambda x, t: TF.binary_cross_entropy_with_logits(x, t, weight=weight_t, reduction=reduction), [x, t])
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1, 2.0), (0.25, 0.0), (-1, 0.0), (0.5, 1.0), (0.9, 1.5),
+                                          (0.25, 5.0)], ids=str)
+def test_sigmoid_focal_loss_with_logits_of_plus_minus_100(alpha, gamma, reduction):
+    x = with_extremes(randn(150, 8, 3, scale=3.0), (100.0, -100.0, 100.0, -100.0))
+    t = (np.random.default_rng(151).random((8, 3)) < 0.3).astype(np.float32)
+    t.reshape(-1)[:4] = [0.0, 1.0, 1.0, 0.0]   # +100 and -100 confidently wrong, then confidently right
+    y_md, _ = check(lambda x, t: F.sigmoid_focal_loss(x, t, alpha=alpha, gamma=gamma, reduction=reduction),
+                    lambda x, t: torchvision_sigmoid_focal_loss(torch, x, t, alpha=alpha, gamma=gamma,
+                                                                reduction=reduction), [x, t], grad=[0])
+    assert np.all(np.isfinite(y_md.numpy()))
 
 
 @pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1, 0.0), (0.25, 1.5)], ids=str)

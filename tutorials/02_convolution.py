@@ -162,7 +162,8 @@ print(f"loops {t_loops * 1e3:.2f} ms, im2col {t_im2col * 1e3:.3f} ms, F.conv2d {
 # which is a convolution of $g$ (zero outside the output) with the kernel **flipped** in both directions and its
 # input and output channels swapped. Padding $g$ by KH - 1 - PH gives the gradient of x itself. So one im2col and
 # one matrix product give it, where col2im adds KH x KW column-sized slices; `F.conv2d` does it this way for
-# stride 1 (and keeps col2im for strides, where this identity would need zeros between g's values).
+# stride 1 (and keeps col2im for strides, where this identity would need zeros between g's values, for 1 x 1
+# kernels, whose col2im is a single addition, and for a padding as wide as the kernel).
 
 # %%
 xt1 = md.tensor(x, requires_grad=True)

@@ -205,10 +205,11 @@ class Conv2d(Function):
         return xp.ascontiguousarray(gx[:, ph:ph + h, pw:pw + w].transpose(3, 0, 1, 2))   # (N, C, H, W)
 
     def _flipping_pays(self):
-        """Whether ``_input_gradient_by_flipped_kernel`` applies (stride 1, padding below the kernel size) and is the
-        faster way: not for a 1 x 1 kernel, whose col2im is a single addition. Measured on a 2-core CPU, the input
-        gradient alone, float32: 0.54-0.87x col2im's time on the demo's 3 x 3 layers (16-64 channels, batch 16) and
-        on 4 x 64 x 64 x 64, 1.03-1.06x on 128 and 256 channels with few positions; whole 1 x 1 layers 1.1-1.2x."""
+        """Whether ``_input_gradient_by_flipped_kernel`` applies (stride 1, padding below the kernel size) and is
+        taken: not for a 1 x 1 kernel, whose col2im is a single addition. Measured on a 2-core CPU, the input gradient
+        alone, float32: 0.54-0.87x col2im's time on the demo's 3 x 3 layers (16-64 channels, batch 16) and on
+        4 x 64 x 64 x 64, but 1.03-1.06x on 128 and 256 channels with few positions, where it is taken all the same
+        (one rule, and the demo's layers are the ones that count); whole 1 x 1 layers 1.1-1.2x."""
         (kh, kw), (ph, pw) = self.w_shape[2:], self.padding
         return self.stride == (1, 1) and (kh, kw) != (1, 1) and ph < kh and pw < kw
 

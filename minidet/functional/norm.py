@@ -107,6 +107,7 @@ class GroupNorm(Function):
         gx *= self.inv_std[:, :, None, None]
         return gx.reshape(gy.shape), gw, gb
 
+
 def _affine(y, weight, bias):
     """Scale and shift each channel of y (N, C, ...) by weight (C,) and bias (C,)."""
     shape = (1, -1) + (1,) * (y.ndim - 2)
