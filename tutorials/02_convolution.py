@@ -217,3 +217,10 @@ save(fig, "02_im2col.png")
 # 3. **The size of im2col.** How many numbers does the im2col matrix of a 3x3, stride-1, padding-1 convolution
 #    hold for one 64-channel 64 x 64 image, against the image itself? Answer: 64 * 9 rows times 64 * 64 columns,
 #    nine times the image: the reason minidet avoids building it where it can.
+# 4. **The input's gradient with a stride.** For stride 2, spread g over a zero array of 2 (OH - 1) + 1 rows and
+#    columns (g's values on the even ones: g "dilated"), pad it, and convolve it with the flipped kernel of
+#    section 4; compare with `x.grad` from `F.conv2d(..., stride=2).backward(g)`. How much padding on each side?
+#    Answer: KH - 1 - PH at the top and left, and (H + 2 PH - KH) % 2 more at the bottom (and the same with W at
+#    the right): when H + 2 PH - KH is odd, the last window stops a row short of the padded input's end, and that
+#    row's gradient is 0. Then the two agree to about 1e-15 in float64. The zeros are why `F.conv2d` keeps col2im
+#    for strides: three quarters of this product would multiply zeros.
