@@ -554,38 +554,6 @@ def _with_the_data(config, dataset):
     return config, dataset
 
 
-def _resume(config, world, model, optimizer, schedule, rng):
-    """Load the run folder's checkpoint into the model, optimizer, schedule and random generator, after checking
-    that it can be continued exactly; drop the log lines written after it. Returns where the run goes on: (step,
-    epoch, batch in the epoch, the epoch's order or None, the loss yardstick or None)."""
-    checkpoint_path = os.path.join(config.out, "last.npz")
-    metrics_path = os.path.join(config.out, "metrics.jsonl")
-    if not os.path.exists(checkpoint_path):
-        raise FileNotFoundError(f"train: cannot resume: {checkpoint_path} does not exist (no epoch of a run in "
-                                f"{config.out} has finished); start without resume")
-    state = load(checkpoint_path)
-    _check_resumable(config, TrainConfig.from_json(str(state["config"])))
-    workers = int(state.get("workers", 1))                       # checkpoints before data-parallel runs lack it
-    if workers != world.size:
-        raise ValueError(f"train: cannot resume exactly: the run in {config.out} trained on {workers} "
-                         f"worker(s), now there are {world.size}, which changes every global batch; resume "
-                         f"with mpiexec -n {workers} (or without mpiexec for 1), or start a new run")
-    model.load_state_dict(_entries_under(state, "model."))
-    optimizer.load_state_dict(_entries_under(state, "optimizer."))
-    schedule.load_state_dict(_entries_under(state, "scheduler."))
-    rng.bit_generator.state = json.loads(str(state["rng_state"]))
-    step, start_epoch, start_batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
-    order = state["epoch_order"] if start_batch else None
-    saved = float(state.get("loss_yardstick", math.nan))          # checkpoints before the guard lack it
-    loss_yardstick = saved if math.isfinite(saved) else None
-    # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
-    if world.is_root:
-        rows = _read_metrics(metrics_path, up_to_step=step)
-        with open(metrics_path, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-    return step, start_epoch, start_batch, order, loss_yardstick
-
-
 def train(config=None, dataset=None, resume=False):
     """Train a RetinaNet as ``config`` says, on ``dataset`` (default: the built-in ``Shapes`` of the config).
 
@@ -623,8 +591,7 @@ def train(config=None, dataset=None, resume=False):
     run = _Run.start(config, world, dataset, total_steps=config.epochs * steps_per_epoch)
     start_epoch, start_batch = 0, 0
     if resume:
-        run.step, start_epoch, start_batch, run.order, run.guard.yardstick = _resume(
-            config, world, run.model, run.optimizer, run.schedule, run.rng)
+        start_epoch, start_batch = run.resume(metrics_path)
     elif world.is_root:
         # A fresh run in a folder replaces the run there: its log and its checkpoint go now, so that a later resume
         # can never continue the old checkpoint with the new log.
@@ -710,6 +677,7 @@ class _Run:
     rng: np.random.Generator
     guard: _DivergenceGuard
     total_steps: int
+    parameters: list              # the model's, in order: clipped and measured at every step
     step: int = 0                 # optimizer steps done
     order: np.ndarray = None      # this epoch's order of the images, None until it is drawn
 
@@ -724,9 +692,39 @@ class _Run:
         optimizer = build_optimizer(config, model)
         guard = _DivergenceGuard(os.path.join(config.out, "last.npz"))
         run = cls(config, world, dataset, model, optimizer, build_schedule(config, optimizer, total_steps),
-                  np.random.default_rng(config.seed), guard, total_steps)
+                  np.random.default_rng(config.seed), guard, total_steps, model.parameters())
         model.train()
         return run
+
+    def resume(self, metrics_path):
+        """Load the run folder's checkpoint into the model, optimizer, schedule and random generator, after checking
+        that it can be continued exactly; drop the log lines written after it. Returns where the run goes on: (epoch,
+        batch in the epoch)."""
+        config, world = self.config, self.world
+        if not os.path.exists(self.checkpoint_path):
+            raise FileNotFoundError(f"train: cannot resume: {self.checkpoint_path} does not exist (no epoch of a run "
+                                    f"in {config.out} has finished); start without resume")
+        state = load(self.checkpoint_path)
+        _check_resumable(config, TrainConfig.from_json(str(state["config"])))
+        workers = int(state.get("workers", 1))                       # checkpoints before data-parallel runs lack it
+        if workers != world.size:
+            raise ValueError(f"train: cannot resume exactly: the run in {config.out} trained on {workers} "
+                             f"worker(s), now there are {world.size}, which changes every global batch; resume "
+                             f"with mpiexec -n {workers} (or without mpiexec for 1), or start a new run")
+        self.model.load_state_dict(_entries_under(state, "model."))
+        self.optimizer.load_state_dict(_entries_under(state, "optimizer."))
+        self.schedule.load_state_dict(_entries_under(state, "scheduler."))
+        self.rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        self.step, epoch, batch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+        self.order = state["epoch_order"] if batch else None
+        saved = float(state.get("loss_yardstick", math.nan))          # checkpoints before the guard lack it
+        self.guard.yardstick = saved if math.isfinite(saved) else None
+        # Lines the stopped run logged after its checkpoint are dropped: those steps are run again.
+        if world.is_root:
+            rows = _read_metrics(metrics_path, up_to_step=self.step)
+            with open(metrics_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        return epoch, batch
 
     def train_step(self, epoch, batch):
         """One optimizer step on the image indices ``batch`` (the global batch; this worker takes its share).
@@ -739,11 +737,10 @@ class _Run:
         self.optimizer.zero_grad()
         losses = _worker_losses(self.model, self.dataset, batch[mine], draws[mine], config, world)
         self.guard.check_loss(losses["loss"], self.step + 1, epoch, lr)
-        parameters = self.model.parameters()
         if config.clip_grad_norm is not None:
-            norm = clip_grad_norm(parameters, config.clip_grad_norm)
+            norm = clip_grad_norm(self.parameters, config.clip_grad_norm)
         else:
-            norm = grad_norm(parameters)
+            norm = grad_norm(self.parameters)
         self.guard.check_gradient_norm(norm, self.step + 1, epoch, lr)
         self.optimizer.step()
         self.schedule.step()
