@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 import pytest
-from op_table import CASES, ELEMENTWISE, HEAVY, constants_as, torchvision_sigmoid_focal_loss
+from op_table import CASES, ELEMENTWISE, HEAVY, amax_dims, constants_as, torchvision_sigmoid_focal_loss
 
 import minidet as md
 import minidet.functional as F
@@ -214,14 +214,10 @@ def test_matmul_operator():
 
 # --- reductions ----------------------------------------------------------------------------------------------------
 
-def amax_dim(dim):
-    return () if dim is None else dim   # torch.amax reduces everything over dim=()
-
-
 @pytest.mark.parametrize("dim", [None, 1, (0, 2)], ids=str)
 def test_max_shares_the_gradient_among_ties(dim):
     x = np.random.default_rng(21).integers(0, 3, (3, 4, 2)).astype(np.float32)   # many equal maxima
-    check(lambda t: F.max(t, dim=dim), lambda t: torch.amax(t, dim=amax_dim(dim)), [x])
+    check(lambda t: F.max(t, dim=dim), lambda t: torch.amax(t, dim=amax_dims(dim)), [x])
 
 
 def test_reduction_methods():
