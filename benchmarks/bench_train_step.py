@@ -7,10 +7,10 @@ What is measured: one step of ``minidet demo``'s training, i.e.
     optimizer.zero_grad(); loss.backward()               # backward
     optimizer.step()                                     # SGD, momentum 0.9, weight decay 1e-4
 
-for the demo's model as it was first set (``minidet.train``'s defaults then; written out below, so later changes of
-those defaults do not change the benchmark): ``RetinaNet(4, backbone="resnet_small", fpn_channels=64,
-preset="paper")``, on a batch of 16 images of 128 x 128 from ``Shapes(16, 128)`` prepared by
-``minidet.train.training_batch``. The goal is at most 2.0 times torch's time for the same step.
+for the demo's model as it was first set (``minidet.train``'s defaults then, written out in
+benchmarks/demo_step.py, so later changes of those defaults do not change the benchmark): ``RetinaNet(4,
+backbone="resnet_small", fpn_channels=64, preset="paper")``, on a batch of 16 images of 128 x 128 from
+``Shapes(16, 128)`` prepared by ``minidet.train.training_batch``. The goal is at most 2.0 times torch's time for the same step.
 
 The PyTorch side: the same network built from torchvision's parts, with minidet's initial weights copied in
 -------------------------------------------------------------------------------------------------------------
@@ -98,18 +98,15 @@ ARGS = parse_args()
 set_blas_threads(ARGS.threads)
 
 import numpy as np  # noqa: E402  (imported after the thread settings on purpose)
+from demo_step import BACKBONE, FPN_CHANNELS, LR, MOMENTUM, PRESET, WEIGHT_DECAY, demo_setup, training_step  # noqa: E402
 
 import minidet  # noqa: E402
 from minidet import autograd, optim  # noqa: E402
 from minidet.anchors import AnchorGenerator  # noqa: E402
 from minidet.autograd import Function  # noqa: E402
-from minidet.data import Shapes  # noqa: E402
 from minidet.functional import conv  # noqa: E402
 from minidet.models import retinanet  # noqa: E402
-from minidet.models.retinanet import RetinaNet  # noqa: E402
 from minidet.models.torchvision_weights import RENAMES  # noqa: E402
-from minidet.nn.init import manual_seed  # noqa: E402
-from minidet.train import training_batch  # noqa: E402
 
 try:
     import torch
@@ -126,38 +123,6 @@ if torch is not None:  # torchvision's Python code, even on a CPU-only torch (se
     from torchvision.models.resnet import BasicBlock
     from torchvision.ops import FeaturePyramidNetwork, box_iou, sigmoid_focal_loss
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-
-
-# ---- the step in minidet ---------------------------------------------------------------------------------------
-
-# The setup as first set: the demo's model and optimizer as minidet.train had them then (SGD, subnets without group
-# norm). Written out here, not read from TrainConfig, so the benchmark keeps measuring the same thing when the
-# demo's defaults change.
-SEED, NUM_IMAGES, IMAGE_SIZE, FLIP_PROB = 0, 16, 128, 0.5
-BACKBONE, FPN_CHANNELS, PRESET = "resnet_small", 64, "paper"
-LR = 0.02 / 3          # the warm-up's first rate: 20 steps on one batch at the full rate could blow the weights up
-MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
-
-
-def demo_setup():
-    """The model (fresh weights from the seed, as ``minidet.train.build_model``), its SGD and one batch."""
-    dataset = Shapes(NUM_IMAGES, image_size=IMAGE_SIZE)
-    manual_seed(SEED)
-    model = RetinaNet(len(dataset.classes), backbone=BACKBONE, preset=PRESET, fpn_channels=FPN_CHANNELS)
-    optimizer = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    images, targets = training_batch([dataset[i] for i in range(len(dataset))], np.random.default_rng(SEED),
-                                     FLIP_PROB, "cpu")
-    return model, optimizer, images, targets
-
-
-def training_step(model, optimizer, images, targets):
-    """One training step, in minidet or in torch (the same calls in both); returns the two losses as floats."""
-    losses = model(images, targets)
-    loss = losses["classification"] + losses["box_regression"]
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return losses["classification"].item(), losses["box_regression"].item()
 
 
 # ---- the same network and loss in torch ------------------------------------------------------------------------
