@@ -10,7 +10,8 @@ What is measured: one step of ``minidet demo``'s training, i.e.
 for the demo's model as it was first set (``minidet.train``'s defaults then, written out in
 benchmarks/demo_step.py, so later changes of those defaults do not change the benchmark): ``RetinaNet(4,
 backbone="resnet_small", fpn_channels=64, preset="paper")``, on a batch of 16 images of 128 x 128 from
-``Shapes(16, 128)`` prepared by ``minidet.train.training_batch``. The goal is at most 2.0 times torch's time for the same step.
+``Shapes(16, 128)`` prepared by ``minidet.train.training_batch``. The goal is at most 2.0 times torch's time for
+the same step.
 
 The PyTorch side: the same network built from torchvision's parts, with minidet's initial weights copied in
 -------------------------------------------------------------------------------------------------------------
