@@ -25,6 +25,7 @@ from minidet.matching import match_anchors
 from minidet.models import RetinaNet
 from minidet.models.torchvision_weights import (
     EPS_KEY,
+    RENAMES,
     convert_torchvision_state_dict,
     load_torchvision_weights,
     torchvision_num_classes,
@@ -468,3 +469,49 @@ def test_eps_zero_as_for_the_published_weights(pair):
     assert_close(actual[1], expected[1], RTOL, name="bbox_regression, eps 0")
     # the eps-1e-5 outputs (the fixture's) against torchvision's eps-0 ones: the wrong eps is not within RTOL
     assert relative_error(pair["md"]["cls_logits"], expected[0]) > 100 * RTOL
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_training_losses_and_every_gradient_in_float64(pair):
+    """A training step's losses and the gradient of every weight, minidet against torchvision, both in float64 from
+    the same weights and images: equal up to the order of float64 sums.
+
+    torchvision's side runs its training forward's steps (backbone, head, anchors, ``compute_loss``) with the
+    model in evaluation mode, where its batch norms compute what minidet's frozen ones do. Their weights and biases
+    are trainable there and buffers in minidet, so the gradients compared are those of minidet's parameters: every
+    convolution of the backbone, the pyramid and the subnets. (Measured: 1e-14 relative or better.)
+    """
+    import copy
+
+    import torch
+    from torchvision.models.detection.image_list import ImageList
+
+    tv_model = copy.deepcopy(pair["tv_model"]).double()          # float32 weights, exactly, now in float64
+    md_model = load_torchvision_weights(RetinaNet(NUM_CLASSES, backbone="resnet50", preset="torchvision"),
+                                        pair["state"], eps=1e-5).to(np.float64)
+    x = pair["normalised"].astype(np.float64)
+    targets = [{"boxes": np.array(boxes, np.float32).reshape(-1, 4), "labels": np.array(labels, np.int64)}
+               for boxes, labels in LOSS_TARGETS["boxes in both images"]]
+
+    images = torch.from_numpy(x)
+    features = list(tv_model.backbone(images).values())
+    anchors = tv_model.anchor_generator(ImageList(images, [IMAGE_SIZE] * len(x)), features)
+    expected = tv_model.compute_loss([{k: torch.from_numpy(v) for k, v in t.items()} for t in targets],
+                                     tv_model.head(features), anchors)
+    (expected["classification"] + expected["bbox_regression"]).backward()
+    actual = md_model(x, targets)
+    actual["loss"].backward()
+
+    assert_close(actual["classification"].numpy(), expected["classification"].detach().numpy(), 1e-12,
+                 name="classification loss")
+    assert_close(actual["box_regression"].numpy(), expected["bbox_regression"].detach().numpy(), 1e-12,
+                 name="box regression loss")
+    their_gradients = {}
+    for name, parameter in tv_model.named_parameters():      # torchvision's names -> minidet's (the converter's rule)
+        old, new = next((old, new) for old, new in RENAMES if name.startswith(old))
+        their_gradients[new + name[len(old):]] = parameter.grad.numpy()
+    ours = dict(md_model.named_parameters())
+    assert len(ours) == 53 + 16 + 10 + 10, "53 convolutions in the backbone; 8 in the pyramid, 5 in each subnet, biased"
+    for name, parameter in ours.items():
+        assert_close(parameter.grad, their_gradients[name], 1e-10, name=f"gradient of {name}")
