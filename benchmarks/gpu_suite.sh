@@ -127,10 +127,10 @@ export -f environment test_gpu train_gpu
 step environment 30 environment
 for name in "${steps[@]}"; do
     case "$name" in
-        test_gpu) step test_gpu 120 test_gpu ;;
-        bench_kernels) step bench_kernels 100 python benchmarks/bench_kernels.py $dry_run ;;
-        bench_gpu_step) step bench_gpu_step 80 python benchmarks/bench_gpu_step.py $dry_run ;;
-        train_gpu) step train_gpu 150 train_gpu ;;
+        test_gpu) step test_gpu 110 test_gpu ;;
+        bench_kernels) step bench_kernels 130 python benchmarks/bench_kernels.py $dry_run ;;
+        bench_gpu_step) step bench_gpu_step 70 python benchmarks/bench_gpu_step.py $dry_run ;;
+        train_gpu) step train_gpu 140 train_gpu ;;
         *) echo "unknown step '$name': use test_gpu, bench_kernels, bench_gpu_step or train_gpu" >&2
            exit 2 ;;
     esac
