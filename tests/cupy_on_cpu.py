@@ -32,6 +32,11 @@ class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
     def get(self):
         return np.array(self)
 
+    def __getitem__(self, index):
+        # An element is a 0-d array on the device in CuPy, where NumPy gives a host scalar.
+        result = super().__getitem__(index)
+        return result if isinstance(result, np.ndarray) else np.asarray(result).view(ndarray)
+
 
 def _harness():
     # Imported when first needed: minidet (which imports cupy) must not be imported before install().

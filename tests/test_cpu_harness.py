@@ -7,7 +7,7 @@
    of an array (in a subprocess: the guard page ends the process), argument types, launch bounds, shared memory.
 3. The production kernels' ``gpu`` tests (tests/test_kernels.py), run through the CuPy stand-in
    (tests/cupy_on_cpu.py) in a subprocess, once in forward order with poison 0x7F and once in seeded random order
-   with poison 0xFF. Nothing here is a GPU result.
+   with poison 0xFF; and every other ``gpu`` test once, through the same stand-in. Nothing here is a GPU result.
 
 The planted bugs in the production kernels and launchers are in tests/test_planted_bugs.py.
 """
@@ -444,3 +444,21 @@ def test_the_gpu_kernel_tests_pass_on_the_cpu_harness(schedule, poison):
     assert "the CPU launch harness, not on a GPU" in output          # the stand-in was in place
     assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
     assert int(summary.split()[0]) >= 15, summary
+
+
+@pytest.mark.slow
+def test_every_other_gpu_test_passes_on_the_cupy_stand_in():
+    """The ``gpu`` tests outside tests/test_kernels.py (every op, the model, training, all on "CuPy"): through the
+    stand-in they run minidet's CuPy code path (the array module each op picks, what stays on the device, the
+    kernels inside the losses and the matching) before any GPU does. NumPy is underneath, so neither CuPy's own
+    API nor a GPU's rounding is tested here; only the NCCL test skips (it needs a real GPU)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "tests",
+         "--deselect", "tests/test_kernels.py"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, MINIDET_TEST_CUPY="cpu-harness"))
+    output = result.stdout + result.stderr
+    summary = output.strip().splitlines()[-1].strip("= ")
+    assert result.returncode == 0, output[-6000:]
+    assert "the CPU launch harness, not on a GPU" in output
+    assert "failed" not in summary and "1 skipped" in summary, summary
+    assert int(summary.split()[0]) >= 400, summary
