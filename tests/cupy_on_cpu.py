@@ -8,7 +8,10 @@ and the ``gpu``-marked kernel tests compare the launches with the NumPy referenc
 Arrays are NumPy arrays of the subclass ``ndarray`` below, so ``isinstance(x, cupy.ndarray)`` tells them from
 host arrays and NumPy's functions keep them "on the device". ``empty``, ``zeros``, ``full``, ``asarray`` and
 ``ascontiguousarray`` put them in memory that ends at a guard page (``cpu_harness.device_empty``). Everything else
-is NumPy's function, its array results viewed as this ``ndarray``.
+is NumPy's function, its array results viewed as this ``ndarray``, held to two of CuPy's rules that NumPy does not
+have: a function or operator given a host (NumPy) array raises TypeError, as CuPy's do (only ``asarray``,
+``array`` and ``from_dlpack`` copy one to the device), and an element or a reduction is a 0-d device array, not
+a host scalar. ``lib.stride_tricks.as_strided`` has CuPy's signature (no ``writeable``).
 
 Nothing that runs through this stand-in is a GPU result: it proves the launch (indexing, shared memory, barriers,
 shuffles, atomics, the launch configuration), not the GPU's rounding or speed.
@@ -21,6 +24,7 @@ import numpy as np
 
 __all__ = ["install"]
 
+TAKE_HOST_ARRAYS = {"array", "from_dlpack"}   # the functions of CuPy that copy a NumPy array to the device
 IS_STAND_IN = True                      # what tests look at to say where they ran
 MULTIPROCESSORS = 4                     # the pretend GPU: 4 multiprocessors of 2 resident blocks each, so
 BLOCKS_PER_MULTIPROCESSOR = 2           # minidet's "one wave" launches are 8 blocks
@@ -36,6 +40,51 @@ class ndarray(np.ndarray):  # noqa: N801 (CuPy's name)
         # An element is a 0-d array on the device in CuPy, where NumPy gives a host scalar.
         result = super().__getitem__(index)
         return result if isinstance(result, np.ndarray) else np.asarray(result).view(ndarray)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        # Operators and ufuncs: CuPy's rule on host arrays; NumPy's arithmetic; a reduction's scalar as a 0-d array.
+        checked = inputs
+        inputs = tuple(_host_view(x) for x in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(_host_view(x) for x in kwargs["out"])
+        result = _called_as_cupy(ufunc.__name__, getattr(ufunc, method), inputs, kwargs, checked)
+        if isinstance(result, np.generic):
+            return np.asarray(result).view(ndarray)
+        return _on_device(result)
+
+    def __array_function__(self, function, types, args, kwargs):
+        return _called_as_cupy(function.__name__, super().__array_function__, (function, types, args, kwargs), {},
+                               checked=[*args, *kwargs.values()])
+
+
+def _host_view(array):
+    return array.view(np.ndarray) if isinstance(array, ndarray) else array
+
+
+_calls_in_progress = 0      # how deep in the stand-in's own NumPy calls we are: only the outermost one is checked
+
+
+def _called_as_cupy(name, function, args, kwargs, checked=None):
+    """``function(*args, **kwargs)``, after the outermost call's arguments (or ``checked``) pass CuPy's rule. NumPy's
+    own code inside (zeros_like copies a host array into its result, say) is not held to it."""
+    global _calls_in_progress
+    if _calls_in_progress == 0:
+        _refuse_host_arrays(name, [*args, *kwargs.values()] if checked is None else checked)
+    _calls_in_progress += 1
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _calls_in_progress -= 1
+
+
+def _refuse_host_arrays(name, arguments):
+    """CuPy's rule: its functions and operators take device arrays and scalars, and raise TypeError for a NumPy
+    array (there is no implicit copy to the device), as a list item too."""
+    for argument in arguments:
+        for value in argument if isinstance(argument, (list, tuple)) else (argument,):
+            if isinstance(value, np.ndarray) and not isinstance(value, ndarray) and value.ndim > 0:
+                raise TypeError(f"cupy.{name}: an argument is a NumPy (host) array; CuPy takes device arrays, "
+                                "so copy it first with cupy.asarray")
 
 
 def _harness():
@@ -84,6 +133,13 @@ def asnumpy(a):
     return np.array(a)
 
 
+def _as_strided(x, shape=None, strides=None):   # CuPy's signature: no ``subok``, no ``writeable``
+    return np.lib.stride_tricks.as_strided(x, shape, strides, subok=True)
+
+
+lib = types.SimpleNamespace(stride_tricks=types.SimpleNamespace(as_strided=_as_strided))
+
+
 def _on_device(result):
     if isinstance(result, np.ndarray) and not isinstance(result, ndarray):
         return result.view(ndarray)
@@ -97,7 +153,7 @@ def __getattr__(name):
     value = getattr(np, name)
     if callable(value) and not isinstance(value, type):
         def on_device(*args, **kwargs):
-            return _on_device(value(*args, **kwargs))
+            return _on_device(_called_as_cupy(name, value, args, kwargs, None if name not in TAKE_HOST_ARRAYS else []))
         return on_device
     return value
 

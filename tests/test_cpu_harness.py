@@ -462,3 +462,30 @@ def test_every_other_gpu_test_passes_on_the_cupy_stand_in():
     assert "the CPU launch harness, not on a GPU" in output
     assert "failed" not in summary and "1 skipped" in summary, summary
     assert int(summary.split()[0]) >= 400, summary
+
+
+def test_the_cupy_stand_in_refuses_host_arrays_as_cupy_does():
+    """CuPy's functions and operators raise TypeError for a NumPy array (no implicit copy to the device); the
+    stand-in does too, so a GPU-only failure of that kind shows on the CPU. NumPy's own code inside one of its
+    functions is not held to the rule (``zeros_like`` copies a host array into its result)."""
+    code, output = run_in_subprocess(r"""
+        import cupy_on_cpu
+        cupy_on_cpu.install()
+        import cupy
+        import numpy as np
+
+        device, host = cupy.ones(3), np.ones(3)
+        for name, call in [("add", lambda: device + host), ("add", lambda: host + device),
+                           ("where", lambda: cupy.where(device > 0, device, host)),
+                           ("concatenate", lambda: cupy.concatenate([device, host]))]:
+            try:
+                call()
+            except TypeError as error:
+                assert f"cupy.{name}: an argument is a NumPy (host) array" in str(error), error
+            else:
+                raise AssertionError(f"{name} took a host array")
+        assert type(cupy.zeros_like(device)) is type(device) is type(device + np.float32(1)) is type(device[0])
+        assert type(cupy.asarray(host)) is type(cupy.array(host)) is type(device)
+        print("ok")
+    """)
+    assert code == 0 and output.strip().endswith("ok"), output

@@ -31,14 +31,16 @@ def window_view(x, kernel, stride):
     """Every KH x KW window of ``x`` (N, C, H, W) as a view of shape (N, C, KH, KW, OH, OW).
 
     ``view[n, c, i, j, oh, ow] == x[n, c, oh * SH + i, ow * SW + j]``: moving one
-    step in ``i`` moves one row in ``x``, one step in ``oh`` moves SH rows.
+    step in ``i`` moves one row in ``x``, one step in ``oh`` moves SH rows. The windows overlap, so the view is
+    only ever read: a write through it would change every window that shares the element. (CuPy's ``as_strided``
+    has no ``writeable`` flag to enforce that.)
     """
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     s_n, s_c, s_h, s_w = x.strides
     return get_array_module(x).lib.stride_tricks.as_strided(
-        x, shape=(n, c, kh, kw, oh, ow), strides=(s_n, s_c, s_h, s_w, s_h * sh, s_w * sw), writeable=False)
+        x, shape=(n, c, kh, kw, oh, ow), strides=(s_n, s_c, s_h, s_w, s_h * sh, s_w * sw))
 
 
 def _pad_hw(x, padding, value=0):
