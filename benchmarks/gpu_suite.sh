@@ -102,7 +102,9 @@ train_gpu() {  # the demo's recipe (minidet train's defaults) on the GPU, stoppe
         python -m minidet.cli train --device cpu --out "$run" --num-images 8 --image-size 64 --epochs 1 \
             --batch-size 4 --checkpoint-every 1
     else
-        timeout --signal=INT 90 python -m minidet.cli train --device cuda --out "$run" --checkpoint-every 20
+        # --preserve-status: the exit status is minidet's (130 after Ctrl-C), not timeout's 124
+        timeout --preserve-status --signal=INT 90 python -m minidet.cli train --device cuda --out "$run" \
+            --checkpoint-every 20
     fi
     rc=$?
     [ "$rc" -eq 130 ] && echo "(stopped at the 90 s time box: evaluating the last checkpoint)"
@@ -112,6 +114,8 @@ rows = [json.loads(line) for line in open(sys.argv[1])]
 seconds = [row["seconds"] for row in rows[5:]] or [row["seconds"] for row in rows]
 print(f"{len(rows)} steps logged, median step {1000 * statistics.median(seconds):.1f} ms (after the first 5), "
       f"{sum(row['seconds'] for row in rows):.0f} s of steps in all, last loss {rows[-1]['loss']:.4f}")
+from minidet import plots   # an interrupted run stops before it draws its loss curve: drawn here from its log
+plots.plot_losses(rows, sys.argv[1].replace("metrics.jsonl", "loss.png"))
 EOF
     if [ -n "$dry_run" ]; then
         python -m minidet.cli evaluate "$run/last.npz" --device cpu --out "$run/eval" --num-images 4 || return
