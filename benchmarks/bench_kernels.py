@@ -493,9 +493,9 @@ def main():
         bench_focal(args, 1, 300, 8, rate, torch, torchvision)
         bench_matching(args, 2, 5, (64, 96), torch, torchvision)
         return
+    bench_matching(args, 8, 50, (704, 912), torch, torchvision)     # first: torch.compile below may take minutes
     for num_classes in (80, 20):
         bench_focal(args, 8, 120_000, num_classes, rate, torch, torchvision)
-    bench_matching(args, 8, 50, (704, 912), torch, torchvision)
 
 
 if __name__ == "__main__":
