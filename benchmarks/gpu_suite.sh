@@ -108,14 +108,14 @@ train_gpu() {  # the demo's recipe (minidet train's defaults) on the GPU, stoppe
     fi
     rc=$?
     [ "$rc" -eq 130 ] && echo "(stopped at the 90 s time box: evaluating the last checkpoint)"
-    python - "$run/metrics.jsonl" <<'EOF'
+    python - "$run/metrics.jsonl" "$run/loss.png" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 seconds = [row["seconds"] for row in rows[5:]] or [row["seconds"] for row in rows]
 print(f"{len(rows)} steps logged, median step {1000 * statistics.median(seconds):.1f} ms (after the first 5), "
       f"{sum(row['seconds'] for row in rows):.0f} s of steps in all, last loss {rows[-1]['loss']:.4f}")
 from minidet import plots   # an interrupted run stops before it draws its loss curve: drawn here from its log
-plots.plot_losses(rows, sys.argv[1].replace("metrics.jsonl", "loss.png"))
+plots.plot_losses(rows, sys.argv[2])
 EOF
     if [ -n "$dry_run" ]; then
         python -m minidet.cli evaluate "$run/last.npz" --device cpu --out "$run/eval" --num-images 4 || return
